@@ -1,0 +1,236 @@
+package main
+
+// Packet format and data encryption: PROTOCOL.md §1, §4, §7. Every size and offset of the
+// wire format is named in the const block below, after the section that defines it.
+
+import (
+	"crypto/aes"
+	"crypto/cipher"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"sync/atomic"
+	"time"
+
+	"golang.org/x/crypto/chacha20poly1305"
+	"golang.org/x/sys/cpu"
+	"golang.zx2c4.com/wireguard/replay"
+)
+
+const (
+	protocolVersion = 1 // §1: first byte of every message
+
+	messageInitiation = 1 // §3.1: type of the first key-exchange message
+	messageResponse   = 2 // §3.2: type of the second key-exchange message
+	messageData       = 3 // §4: type of a data message
+
+	offsetVersion = 0 // §1: version byte
+	offsetType    = 1 // §1: type byte
+
+	initiationSize        = 116                                   // §3.1: size of an initiation
+	initiationOffSender   = 4                                     // §3.1: sender index
+	initiationOffTime     = 8                                     // §3.1: timestamp
+	initiationHeaderSize  = 16                                    // §3.1: bytes bound into the Noise prologue
+	initiationOffNoise    = 16                                    // §3.1: start of the Noise message (e, payload)
+	initiationOffMAC      = 100                                   // §3.1: start of the mac
+	responseSize          = 112                                   // §3.2: size of a response
+	responseOffSender     = 4                                     // §3.2: sender index
+	responseOffReceiver   = 8                                     // §3.2: receiver index
+	responseOffNoise      = 12                                    // §3.2: start of the Noise message (e, ee, payload)
+	responseOffMAC        = 96                                    // §3.2: start of the mac
+	macSize               = 16                                    // §3.1, §3.2: size of the truncated HMAC
+	publicKeySize         = 32                                    // §3: size of an X25519 public key
+	payloadSize           = 36                                    // §3.3: size of the exchange payload
+	payloadOffCiphers     = 0                                     // §3.3: cipher set or choice
+	payloadOffMTU         = 2                                     // §3.3: sender's interface MTU
+	payloadOffAddr        = 4                                     // §3.3: sender's tunnel address
+	payloadOffExpected    = 20                                    // §3.3: tunnel address the sender expects of us
+	noiseMessage1Size     = publicKeySize + payloadSize + tagSize // §3.1: e, payload: 84
+	noiseMessage2Size     = publicKeySize + payloadSize + tagSize // §3.2: e, ee, payload: 84
+	dataHeaderSize        = 16                                    // §4: size of the data header
+	dataOffFlags          = 2                                     // §4: flags byte
+	dataOffReceiver       = 4                                     // §4: receiver index
+	dataOffCounter        = 8                                     // §4: counter
+	tagSize               = 16                                    // §4: size of the AEAD tag
+	dataOverhead          = dataHeaderSize + tagSize              // §4, §7: bytes added per packet
+	carrierIPv4Overhead   = 20 + 8                                // §7: IPv4 + UDP headers
+	carrierIPv6Overhead   = 40 + 8                                // §7: IPv6 + UDP headers
+	carrierPathMTU        = 1500                                  // §7: carrier MTU the default fits
+	flagPing              = 0x01                                  // §4: asks for a keepalive in return
+	flagGoodbye           = 0x02                                  // §4: the sender is going down
+	knownDataFlags        = flagPing | flagGoodbye                // §4: anything else is dropped
+	rekeyAfterPackets     = 1 << 32                               // §5: rekey by count
+	rejectAfterPackets    = 1 << 33                               // §5: reject by count
+	rejectAfterTokxcCount = 3                                     // §5: reject at tokey + 3·tokxc
+)
+
+// cipherSuite names a data cipher; its value is the bit used for it in the exchange
+// payload (PROTOCOL.md §3.3).
+type cipherSuite uint8
+
+const (
+	cipherChaCha20Poly1305 cipherSuite = 0x01 // §3.3
+	cipherAES256GCM        cipherSuite = 0x02 // §3.3
+	knownCiphers                       = cipherChaCha20Poly1305 | cipherAES256GCM
+)
+
+func (c cipherSuite) String() string {
+	switch c {
+	case cipherChaCha20Poly1305:
+		return "ChaCha20-Poly1305"
+	case cipherAES256GCM:
+		return "AES-256-GCM"
+	}
+	return fmt.Sprintf("cipher set %#02x", uint8(c))
+}
+
+// choose returns the cipher a responder picks from the initiator's offer and its own
+// (PROTOCOL.md §3.3), or 0 if they have none in common.
+func (c cipherSuite) choose(offered cipherSuite) cipherSuite {
+	common := c & offered
+	switch {
+	case common&cipherAES256GCM != 0:
+		return cipherAES256GCM
+	case common&cipherChaCha20Poly1305 != 0:
+		return cipherChaCha20Poly1305
+	}
+	return 0
+}
+
+// hasAESHardware reports whether this CPU seals AES-GCM in hardware; without it
+// ChaCha20-Poly1305 is faster and constant-time.
+func hasAESHardware() bool {
+	return (cpu.X86.HasAES && cpu.X86.HasPCLMULQDQ) || (cpu.ARM64.HasAES && cpu.ARM64.HasPMULL)
+}
+
+// newAEAD returns the data AEAD of the given suite under a 32-byte session key.
+func newAEAD(suite cipherSuite, key []byte) (cipher.AEAD, error) {
+	switch suite {
+	case cipherChaCha20Poly1305:
+		return chacha20poly1305.New(key)
+	case cipherAES256GCM:
+		block, err := aes.NewCipher(key)
+		if err != nil {
+			return nil, err
+		}
+		return cipher.NewGCM(block)
+	}
+	return nil, fmt.Errorf("unknown cipher %v", suite)
+}
+
+// Errors of opening a data message; the receive path counts each separately.
+var (
+	errMalformed = errors.New("malformed message")
+	errAuth      = errors.New("message failed authentication")
+	errReplay    = errors.New("replayed message")
+)
+
+// A session is one set of data keys made by a key exchange (PROTOCOL.md §5).
+//
+// send and recv are safe for concurrent use. sendCounter is advanced atomically by
+// whoever sends. replay, recvMax and received are owned by the single goroutine that
+// receives data. All other fields are set before the session is published and never
+// change.
+type session struct {
+	send        cipher.AEAD
+	recv        cipher.AEAD
+	suite       cipherSuite
+	localIndex  uint32 // index the peer puts in data it sends us
+	remoteIndex uint32 // index we put in data we send
+	initiator   bool   // we sent the initiation that made this session
+	created     time.Time
+	peer        exchangePayload // what the peer said of itself in the exchange
+	sendCounter atomic.Uint64
+	replay      replay.Filter
+	recvMax     uint64 // greatest counter accepted
+	received    bool   // whether any message was accepted
+}
+
+// newSession builds a session from the two keys of a Noise Split; the initiator sends
+// with k1 and the responder with k2 (PROTOCOL.md §3).
+func newSession(suite cipherSuite, k1, k2 []byte, initiator bool, local, remote uint32, now time.Time) (*session, error) {
+	sendKey, recvKey := k1, k2
+	if !initiator {
+		sendKey, recvKey = k2, k1
+	}
+	send, err := newAEAD(suite, sendKey)
+	if err != nil {
+		return nil, err
+	}
+	recv, err := newAEAD(suite, recvKey)
+	if err != nil {
+		return nil, err
+	}
+	return &session{send: send, recv: recv, suite: suite, localIndex: local, remoteIndex: remote,
+		initiator: initiator, created: now}, nil
+}
+
+// reserveCounters takes n consecutive send counters and returns the first; ok is false
+// once the session has reached its reject limit (PROTOCOL.md §5).
+func (s *session) reserveCounters(n int) (first uint64, ok bool) {
+	end := s.sendCounter.Add(uint64(n))
+	first = end - uint64(n)
+	return first, end <= rejectAfterPackets
+}
+
+// nonce fills the 12-byte AEAD nonce for a counter: 4 zero bytes, then the counter
+// (PROTOCOL.md §4). The caller owns the array so that sealing does not allocate.
+func putNonce(nonce *[12]byte, counter uint64) {
+	binary.BigEndian.PutUint64(nonce[4:], counter)
+}
+
+// seal turns buf[dataHeaderSize:dataHeaderSize+n], an inner packet of n bytes (n may be
+// 0), into a data message in place: it writes the header in front and the tag behind, so
+// buf must have room for n + dataOverhead bytes. It returns the message.
+func (s *session) seal(buf []byte, n int, flags byte, counter uint64, nonce *[12]byte) []byte {
+	hdr := buf[:dataHeaderSize]
+	hdr[offsetVersion] = protocolVersion
+	hdr[offsetType] = messageData
+	hdr[dataOffFlags] = flags
+	hdr[dataOffFlags+1] = 0
+	binary.BigEndian.PutUint32(hdr[dataOffReceiver:], s.remoteIndex)
+	binary.BigEndian.PutUint64(hdr[dataOffCounter:], counter)
+	putNonce(nonce, counter)
+	return s.send.Seal(buf[:dataHeaderSize], nonce[:], buf[dataHeaderSize:dataHeaderSize+n], hdr)
+}
+
+// dataHeader is the clear part of a data message (PROTOCOL.md §4).
+type dataHeader struct {
+	flags    byte
+	receiver uint32
+	counter  uint64
+}
+
+// parseDataHeader checks the fixed parts of a data message (§4.1 step 1).
+func parseDataHeader(msg []byte) (dataHeader, error) {
+	if len(msg) < dataOverhead || msg[offsetVersion] != protocolVersion || msg[offsetType] != messageData ||
+		msg[dataOffFlags]&^knownDataFlags != 0 {
+		return dataHeader{}, errMalformed
+	}
+	return dataHeader{
+		flags:    msg[dataOffFlags],
+		receiver: binary.BigEndian.Uint32(msg[dataOffReceiver:]),
+		counter:  binary.BigEndian.Uint64(msg[dataOffCounter:]),
+	}, nil
+}
+
+// acceptCounter applies the replay window to the counter of a message that opened
+// (§4.3) and reports whether it is new. Only the receiving goroutine may call it.
+func (s *session) acceptCounter(counter uint64) bool {
+	return s.replay.ValidateCounter(counter, rejectAfterPackets)
+}
+
+// open authenticates and decrypts a data message in place (§4.1 step 3) and returns the
+// inner packet, which aliases msg. It does not consult the replay window: the caller does
+// that after open succeeds, so that only authentic counters move it.
+func (s *session) open(msg []byte, h dataHeader, nonce *[12]byte) ([]byte, error) {
+	if h.counter >= rejectAfterPackets {
+		return nil, errAuth
+	}
+	putNonce(nonce, h.counter)
+	inner, err := s.recv.Open(msg[dataHeaderSize:dataHeaderSize], nonce[:], msg[dataHeaderSize:], msg[:dataHeaderSize])
+	if err != nil {
+		return nil, errAuth
+	}
+	return inner, nil
+}

@@ -1,0 +1,217 @@
+// Command ciped is a point-to-point encrypted IP tunnel in the tradition of CIPE: one
+// process per link pairs a TUN interface with one UDP socket. See README and
+// PROTOCOL.md.
+package main
+
+import (
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+
+	"os"
+	"os/signal"
+	"runtime/debug"
+	"syscall"
+
+	"github.com/alecthomas/kong"
+	"golang.zx2c4.com/wireguard/tun"
+)
+
+// Exit statuses.
+const (
+	exitOK      = 0
+	exitFailure = 1 // the tunnel could not be set up or failed
+	exitUsage   = 2 // bad options; nothing was touched
+)
+
+// version is set by the build (-ldflags "-X main.version=..."); otherwise the module's.
+var version = ""
+
+func versionString() string {
+	v := version
+	goVersion := ""
+	if info, ok := debug.ReadBuildInfo(); ok {
+		goVersion = info.GoVersion
+		if v == "" {
+			v = info.Main.Version
+			for _, s := range info.Settings {
+				if s.Key == "vcs.revision" && len(s.Value) >= 12 {
+					v += " " + s.Value[:12]
+				}
+			}
+		}
+	}
+	if v == "" || v == "(devel)" {
+		v = "devel"
+	}
+	return fmt.Sprintf("ciped %s (%s)", v, goVersion)
+}
+
+func main() {
+	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr, systemOptionsPath, nil))
+}
+
+// exitRequest carries kong's request to exit (after --help or --version) out of Parse.
+type exitRequest struct{ code int }
+
+// run is the whole program: it parses the command line, then runs the chosen command.
+// stop, if not nil, replaces the termination signals (tests close it).
+func run(args []string, stdout, stderr io.Writer, systemOptions string, stop <-chan struct{}) (code int) {
+	c := &cli{systemOptions: systemOptions, origins: map[string]string{}}
+	fail := func(code int, err error) int {
+		fmt.Fprintf(stderr, "ciped: error: %v\n", err)
+		var ue *usageError
+		if errors.As(err, &ue) && ue.hint != "" {
+			fmt.Fprintf(stderr, "ciped: hint: %s\n", ue.hint)
+		}
+		return code
+	}
+	parser, err := newParser(c, stdout, stderr)
+	if err != nil {
+		return fail(exitFailure, err)
+	}
+	kargs, origins, err := rewriteArgs(args, optionNames(parser.Model))
+	if err != nil {
+		return fail(exitUsage, err)
+	}
+	c.origins = origins
+	ctx, err := func() (ctx *kong.Context, err error) {
+		defer func() {
+			if r := recover(); r != nil {
+				req, ok := r.(exitRequest)
+				if !ok {
+					panic(r)
+				}
+				code = req.code
+				err = errExitRequested
+			}
+		}()
+		return parser.Parse(kargs)
+	}()
+	if errors.Is(err, errExitRequested) {
+		return code
+	}
+	if err != nil {
+		return fail(exitUsage, err)
+	}
+	switch ctx.Command() {
+	case "genkey":
+		var k [linkKeySize]byte
+		if _, err := rand.Read(k[:]); err != nil {
+			return fail(exitFailure, err)
+		}
+		fmt.Fprintf(stdout, "key %s\n", hex.EncodeToString(k[:]))
+		return exitOK
+	default:
+		cfg, err := c.config()
+		if err != nil {
+			return fail(exitUsage, err)
+		}
+		if stop == nil {
+			stop = terminationSignals(stderr)
+		}
+		if err := runTunnel(cfg, stderr, stop); err != nil {
+			return fail(exitFailure, err)
+		}
+		return exitOK
+	}
+}
+
+var errExitRequested = errors.New("exit requested")
+
+// newParser builds the kong parser for c; kong's requests to exit become a panic with an
+// exitRequest, which run recovers.
+func newParser(c *cli, stdout, stderr io.Writer) (*kong.Kong, error) {
+	return kong.New(c,
+		kong.Name("ciped"),
+		kong.Description("Point-to-point encrypted IP tunnel, CIPE style: ciped [-o FILE] [name=value ...]\n\n"+
+			"Options come from "+c.systemOptions+", then -o FILE, then the command line; the later wins. "+
+			"Each option below can be given as name=value, --name=value, or as \"name value\" in a file. "+
+			"The key is accepted only from a file (mode 0600)."),
+		kong.Vars{"system_options": c.systemOptions, "default_ipup": defaultIPUp, "default_ipdown": defaultIPDown,
+			"version": versionString()},
+		kong.Writers(stdout, stderr),
+		kong.Exit(func(code int) { panic(exitRequest{code}) }),
+		kong.ConfigureHelp(kong.HelpOptions{Compact: true, NoExpandSubcommands: true}),
+	)
+}
+
+// terminationSignals returns a channel closed by the first SIGTERM or SIGINT.
+func terminationSignals(stderr io.Writer) <-chan struct{} {
+	sigs := make(chan os.Signal, 1)
+	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP)
+	stop := make(chan struct{})
+	go func() {
+		for sig := range sigs {
+			if sig == syscall.SIGHUP {
+				fmt.Fprintln(stderr, "ciped: SIGHUP ignored; restart ciped to change its options")
+				continue
+			}
+			close(stop)
+			return
+		}
+	}()
+	return stop
+}
+
+// runTunnel sets up the interface and the carrier, runs the link until stop is closed,
+// and takes everything down again.
+func runTunnel(cfg *config, stderr io.Writer, stop <-chan struct{}) error {
+	log := newLogger(stderr, "ciped", cfg.debug)
+	dev, err := tun.CreateTUN(cfg.device, cfg.mtu)
+	if err != nil {
+		return fmt.Errorf("create interface %q: %w", cfg.device, err)
+	}
+	name, err := dev.Name()
+	if err != nil {
+		dev.Close()
+		return fmt.Errorf("interface name: %w", err)
+	}
+	log.setPrefix(name)
+	index, err := ifIndex(name)
+	if err == nil {
+		// Up first: an IPv6 peer route added to a down link is lost when it comes up.
+		err = setLinkUp(index)
+	}
+	if err == nil {
+		err = addAddress(index, cfg.ipaddr, cfg.ptpaddr, cfg.metric)
+	}
+	if err != nil {
+		dev.Close()
+		return fmt.Errorf("configure %s: %w", name, err)
+	}
+	conn, err := listenCarrier(cfg.me, carrierBatch)
+	if err != nil {
+		dev.Close()
+		return fmt.Errorf("carrier socket on %s: %w", cfg.me, err)
+	}
+	if cfg.cttl > 0 {
+		if err := conn.setTTL(cfg.cttl); err != nil {
+			conn.Close()
+			dev.Close()
+			return fmt.Errorf("set carrier TTL: %w", err)
+		}
+	}
+	ptp := "learned from the peer"
+	if cfg.ptpaddr.IsValid() {
+		ptp = cfg.ptpaddr.String()
+	}
+	peer := cfg.peer.String()
+	if cfg.dynamicPeer() {
+		peer = "whoever authenticates first"
+	}
+	log.Printf("%s, mtu %d, tunnel %s peer %s, carrier %s to %s", versionString(), cfg.mtu, cfg.ipaddr, ptp,
+		conn.LocalAddr(), peer)
+
+	t := newTunnel(cfg, log, dev, conn, name, index)
+	t.start()
+	<-stop
+	t.close()
+	log.Printf("stopped: %s", t.stats.summary())
+	return nil
+}
+
+// Compile-time check that the real socket is a carrier.
+var _ carrier = (*udpCarrier)(nil)

@@ -1,0 +1,6 @@
+//go:build race
+
+package main
+
+// raceEnabled tells end-to-end tests to build ciped with the race detector too.
+const raceEnabled = true

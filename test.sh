@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# test.sh: every check of ciped, in one command. As root it includes the end-to-end
+# tests (two ciped processes in network namespaces); as another user those are skipped
+# with the reason (and with CI=true a skip is a failure).
+#   FUZZTIME=30s ./test.sh     fuzz each target longer (default 10s)
+set -euo pipefail
+cd "$(dirname "$0")"
+command -v go >/dev/null || PATH=$PATH:/usr/local/go/bin
+fuzztime=${FUZZTIME:-10s}
+
+echo "== gofmt"
+unformatted=$(gofmt -l .)
+if [ -n "$unformatted" ]; then
+	echo "gofmt would change: $unformatted" >&2
+	exit 1
+fi
+
+echo "== go vet"
+go vet ./...
+
+echo "== go test -race: unit, in-process and end-to-end tests"
+go test -race -count=1 ./...
+
+echo "== fuzzing, $fuzztime per target"
+for target in $(go test -list '^Fuzz' . | grep '^Fuzz'); do
+	go test -run '^$' -fuzz "^${target}\$" -fuzztime "$fuzztime" . 2>&1 | tail -1 | sed "s/^/$target: /"
+done
+
+echo "== all checks passed"

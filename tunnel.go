@@ -1,0 +1,949 @@
+package main
+
+// The tunnel: one TUN device, one carrier socket, one peer.
+//
+// Outbound, RoutineReadFromTUN (one goroutine):
+//  1. tun.Read fills a batch of buffers at offset dataHeaderSize, so that each packet has
+//     room for the header in front; each buffer also has tagSize spare behind the MTU.
+//  2. One atomic load picks the current session and one atomic add reserves the
+//     batch's counters.
+//  3. Each packet is sealed in place (header written in front, tag behind: no copy).
+//  4. carrier.WriteBatch sends the batch with sendmmsg.
+//
+// Inbound, RoutineReadFromCarrier (one goroutine):
+//  1. carrier.ReadBatch fills a batch of buffers with recvmmsg, each datagram at offset 0.
+//  2. Per datagram: key-exchange messages are copied to the control loop; a data message
+//     finds its session among the three held (no other lookup), is opened in place, passes
+//     the replay window, and its inner packet (now at offset dataHeaderSize) joins the
+//     write batch.
+//  3. tun.Write writes the batch; the tun package uses the room in front of each packet
+//     for its virtio header.
+//
+// Control, RoutineControl (one goroutine): key exchanges, timers, the link state and the
+// scripts. It owns the keyExchange and the link state. Sessions are published through the
+// keyring's atomic pointers; the inbound loop changes the keyring only to confirm a
+// responder's new session, under the keyring's mutex, once per key exchange.
+//
+// Buffers: each loop allocates its batch once and owns it for its whole life. Nothing is
+// allocated, locked or sent over a channel per packet on either path.
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"golang.zx2c4.com/wireguard/tun"
+)
+
+const (
+	carrierBatch        = 128              // datagrams per recvmmsg / sendmmsg
+	exchangeQueueSize   = 64               // key-exchange messages waiting for the control loop
+	eventQueueSize      = 64               // events from the data loops to the control loop
+	logInterval         = 10 * time.Second // at most one line per kind of bad packet
+	minTick, maxTick    = 10 * time.Millisecond, time.Second
+	errorPause          = 10 * time.Millisecond // after an unexpected read error
+	exchangeMessageSize = initiationSize        // the larger of the two
+)
+
+// keyring holds the sessions of PROTOCOL.md §5. Readers load the pointers without a lock;
+// changes are serialised by mu. The zero value is an empty keyring.
+type keyring struct {
+	mu       sync.Mutex
+	current  atomic.Pointer[session]
+	previous atomic.Pointer[session]
+	next     atomic.Pointer[session] // a responder's session before the initiator used it
+}
+
+// rotate makes s current and the current one previous.
+func (k *keyring) rotate(s *session) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	k.previous.Store(k.current.Load())
+	k.current.Store(s)
+	if k.next.Load() == s {
+		k.next.Store(nil)
+	}
+}
+
+func (k *keyring) setNext(s *session) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	k.next.Store(s)
+}
+
+// confirm rotates s in if it is still the unconfirmed session; it reports whether it was.
+func (k *keyring) confirm(s *session) bool {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if k.next.Load() != s {
+		return false
+	}
+	k.previous.Store(k.current.Load())
+	k.current.Store(s)
+	k.next.Store(nil)
+	return true
+}
+
+// expire drops sessions older than maxAge and reports whether the current one went.
+func (k *keyring) expire(now time.Time, maxAge time.Duration) (droppedCurrent bool) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	for _, p := range []*atomic.Pointer[session]{&k.current, &k.previous, &k.next} {
+		if s := p.Load(); s != nil && now.Sub(s.created) >= maxAge {
+			p.Store(nil)
+			droppedCurrent = droppedCurrent || p == &k.current
+		}
+	}
+	return droppedCurrent
+}
+
+func (k *keyring) clear() {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	k.current.Store(nil)
+	k.previous.Store(nil)
+	k.next.Store(nil)
+}
+
+// inUse reports whether a held session uses index as its local index.
+func (k *keyring) inUse(index uint32) bool {
+	for _, s := range []*session{k.current.Load(), k.previous.Load(), k.next.Load()} {
+		if s != nil && s.localIndex == index {
+			return true
+		}
+	}
+	return false
+}
+
+// stats are the tunnel's counters. They are updated once per batch and safe to read at
+// any time.
+type stats struct {
+	txPackets, txBytes    atomic.Uint64 // inner packets and bytes sent
+	rxPackets, rxBytes    atomic.Uint64 // inner packets and bytes received
+	dropNoSession         atomic.Uint64 // outbound packets with no session (or no peer) to send them
+	dropAuth              atomic.Uint64 // data messages that failed authentication
+	dropReplay            atomic.Uint64 // data messages that were replays
+	dropUnknown           atomic.Uint64 // data messages for no session we hold (or an expired one)
+	dropMalformed         atomic.Uint64 // datagrams that are not a well-formed message
+	dropExchange          atomic.Uint64 // key-exchange messages refused
+	dropExchangeQueueFull atomic.Uint64 // key-exchange messages dropped because the queue was full
+	carrierErrors         atomic.Uint64 // failed carrier sends and receives
+	tunErrors             atomic.Uint64 // failed TUN reads and writes
+	exchanges             atomic.Uint64 // completed key exchanges
+}
+
+// summary is the one-line account of the counters logged at exit.
+func (s *stats) summary() string {
+	return fmt.Sprintf("sent %d packets (%d bytes), received %d packets (%d bytes), %d key exchanges; "+
+		"dropped: %d without session, %d failed authentication, %d replayed, %d for unknown session, "+
+		"%d malformed, %d key-exchange refused; %d carrier errors, %d tun errors",
+		s.txPackets.Load(), s.txBytes.Load(), s.rxPackets.Load(), s.rxBytes.Load(), s.exchanges.Load(),
+		s.dropNoSession.Load(), s.dropAuth.Load(), s.dropReplay.Load(), s.dropUnknown.Load(),
+		s.dropMalformed.Load(), s.dropExchange.Load()+s.dropExchangeQueueFull.Load(),
+		s.carrierErrors.Load(), s.tunErrors.Load())
+}
+
+// exchangeMsg is a key-exchange message on its way to the control loop, by value.
+type exchangeMsg struct {
+	buf  [exchangeMessageSize]byte
+	n    int
+	from netip.AddrPort
+}
+
+type eventKind int
+
+const (
+	eventConfirmed   eventKind = iota // the inbound loop confirmed an unconfirmed session
+	eventPeerMoved                    // a fresh authenticated message came from a new address
+	eventPingRequest                  // the peer asked for a keepalive
+	eventGoodbye                      // the peer is shutting down
+)
+
+type tunnelEvent struct {
+	kind    eventKind
+	session *session
+	from    netip.AddrPort
+}
+
+// tunnel is one running link. Make one with newTunnel, start it with start, stop it
+// with close.
+type tunnel struct {
+	cfg     *config
+	log     *logger
+	tun     tun.Device
+	conn    carrier
+	ifname  string
+	ifindex int // 0: do not configure the interface (in-process tests)
+
+	keys       keyring
+	peer       atomic.Pointer[netip.AddrPort] // nil until known
+	up         atomic.Bool                    // the link state, for readers outside the control loop
+	rekeyAfter uint64                         // packets sent under a session before a new exchange
+
+	// Liveness, written by the data loops once per batch: monotonic nanoseconds since
+	// epoch of the last datagram sent to the peer and the last authentic one received, and
+	// carrier errors since the last completed key exchange (maxerr).
+	epoch         time.Time
+	lastSent      atomic.Int64
+	lastReceived  atomic.Int64
+	carrierErrors atomic.Int64
+	kx            *keyExchange // control loop only; nil with nokey
+
+	exchanges chan exchangeMsg
+	events    chan tunnelEvent
+	stats     stats
+	scripts   *scriptRunner
+
+	// Control loop state.
+	link      linkState
+	candidate netip.AddrPort // where the last valid initiation came from
+	lastPing  time.Time      // when we last asked the peer for a keepalive
+	ctlBuf    [dataOverhead]byte
+	ctlNonce  [12]byte
+	ctlMsg    [1]carrierMsg
+
+	limits struct{ auth, exchange, malformed, plaintext, carrier, tun rateLimit }
+
+	stop     chan struct{}
+	stopOnce sync.Once
+	ctlDone  chan struct{} // closed when the control loop has finished its shutdown work
+	wg       sync.WaitGroup
+}
+
+// linkState is what the control loop knows of the link.
+type linkState struct {
+	up            bool
+	since         time.Time
+	args          [6]string       // the scripts' arguments while up
+	env           []string        // and their environment
+	configuredPtp netip.Addr      // peer address currently on the interface
+	peerInfo      exchangePayload // what the peer told us in the last exchange
+}
+
+// newTunnel builds a tunnel over an open TUN device and carrier. ifindex 0 skips
+// interface configuration.
+func newTunnel(cfg *config, log *logger, dev tun.Device, conn carrier, ifname string, ifindex int) *tunnel {
+	t := &tunnel{cfg: cfg, log: log, tun: dev, conn: conn, ifname: ifname, ifindex: ifindex,
+		exchanges: make(chan exchangeMsg, exchangeQueueSize), events: make(chan tunnelEvent, eventQueueSize),
+		stop: make(chan struct{}), ctlDone: make(chan struct{}), rekeyAfter: rekeyAfterPackets, epoch: time.Now()}
+	for _, r := range []*rateLimit{&t.limits.auth, &t.limits.exchange, &t.limits.malformed, &t.limits.plaintext,
+		&t.limits.carrier, &t.limits.tun} {
+		r.interval = logInterval
+	}
+	if !cfg.dynamicPeer() {
+		p := cfg.peer
+		t.peer.Store(&p)
+	}
+	if cfg.key != nil {
+		t.kx = &keyExchange{
+			cfg: exchangeConfig{secrets: deriveLinkSecrets(*cfg.key), ciphers: cfg.ciphers, mtu: cfg.mtu,
+				addr: cfg.ipaddr, expected: cfg.ptpaddr, tokxts: cfg.tokxts},
+			wallClock: time.Now,
+			inUse:     t.keys.inUse,
+		}
+	}
+	t.link.configuredPtp = cfg.ptpaddr
+	t.scripts = newScriptRunner(log)
+	return t
+}
+
+// start runs the tunnel's goroutines.
+func (t *tunnel) start() {
+	t.wg.Add(4)
+	go func() { defer t.wg.Done(); t.routineReadFromTUN() }()
+	go func() { defer t.wg.Done(); t.routineReadFromCarrier() }()
+	go func() { defer t.wg.Done(); t.routineControl() }()
+	go func() {
+		defer t.wg.Done()
+		for ev := range t.tun.Events() {
+			t.log.Debugf("interface event %d", ev)
+		}
+	}()
+}
+
+// close takes the link down (ip-down, goodbye to the peer), waits for the scripts,
+// closes the device and the socket and waits for every goroutine. It may be called more
+// than once; every call returns when all is done.
+func (t *tunnel) close() {
+	t.stopOnce.Do(func() {
+		close(t.stop)
+		<-t.ctlDone
+		t.scripts.close()
+		t.tun.Close()
+		t.conn.Close()
+		t.wg.Wait()
+	})
+}
+
+func (t *tunnel) rejectAfter() time.Duration {
+	return t.cfg.tokey + rejectAfterTokxcCount*t.cfg.tokxc
+}
+
+// usable reports whether s may still send or receive at now (PROTOCOL.md §5).
+func (t *tunnel) usable(s *session, now time.Time) bool {
+	return s != nil && now.Sub(s.created) < t.rejectAfter()
+}
+
+// since returns the monotonic time of now relative to the tunnel's epoch, as stored in
+// lastSent and lastReceived.
+func (t *tunnel) since(now time.Time) int64 { return int64(now.Sub(t.epoch)) }
+
+// noteCarrierError counts a failed send or an ICMP error reported by the carrier.
+func (t *tunnel) noteCarrierError(err error, to string) {
+	n := 1
+	var ue *unreachableError
+	if errors.As(err, &ue) {
+		n = ue.count
+		if errors.Is(ue.err, syscall.EMSGSIZE) {
+			// A smaller path MTU, not a peer that is gone: not one of maxerr's errors.
+			t.stats.carrierErrors.Add(uint64(n))
+			t.log.limitedf(&t.limits.carrier, "carrier path to %s is too small for some packets: %v", to, err)
+			return
+		}
+	}
+	t.stats.carrierErrors.Add(uint64(n))
+	t.carrierErrors.Add(int64(n))
+	t.log.limitedf(&t.limits.carrier, "carrier error towards %s: %v", to, err)
+}
+
+// event hands an event to the control loop without blocking; if the queue is full the
+// event is dropped, and the condition that caused it will raise it again.
+func (t *tunnel) event(ev tunnelEvent) {
+	select {
+	case t.events <- ev:
+	default:
+	}
+}
+
+// ---------------------------------------------------------------------------------------
+// Outbound: TUN → seal → carrier.
+
+func (t *tunnel) routineReadFromTUN() {
+	batch := t.tun.BatchSize()
+	bufs := make([][]byte, batch)
+	sizes := make([]int, batch)
+	msgs := make([]carrierMsg, batch)
+	for i := range bufs {
+		bufs[i] = make([]byte, dataHeaderSize+t.cfg.mtu+tagSize)
+	}
+	var nonce [12]byte
+	for {
+		n, err := t.tun.Read(bufs, sizes, dataHeaderSize)
+		if err != nil && !errors.Is(err, tun.ErrTooManySegments) {
+			if errors.Is(err, os.ErrClosed) || t.stopping() {
+				return
+			}
+			t.stats.tunErrors.Add(1)
+			t.log.limitedf(&t.limits.tun, "reading from the interface: %v", err)
+			time.Sleep(errorPause)
+			continue
+		}
+		if n == 0 {
+			continue
+		}
+		t.sendBatch(bufs[:n], sizes[:n], msgs[:n], &nonce)
+	}
+}
+
+// sendBatch seals and sends packets read from the TUN; bufs[i] holds one of sizes[i]
+// bytes at offset dataHeaderSize.
+func (t *tunnel) sendBatch(bufs [][]byte, sizes []int, msgs []carrierMsg, nonce *[12]byte) {
+	n := len(bufs)
+	peer := t.peer.Load()
+	if peer == nil {
+		t.stats.dropNoSession.Add(uint64(n))
+		return
+	}
+	var s *session
+	var first uint64
+	now := time.Now()
+	if t.kx != nil {
+		s = t.keys.current.Load()
+		ok := t.usable(s, now)
+		if ok {
+			first, ok = s.reserveCounters(n)
+		}
+		if !ok {
+			t.stats.dropNoSession.Add(uint64(n))
+			return
+		}
+	}
+	bytes := 0
+	for i, buf := range bufs {
+		inner := buf[dataHeaderSize : dataHeaderSize+sizes[i]]
+		bytes += len(inner)
+		ttl, tos := innerTTLAndTOS(inner)
+		if t.cfg.cttl != 0 {
+			ttl = 0 // the socket's TTL is cttl
+		}
+		msgs[i] = carrierMsg{buf: inner, ttl: ttl, tos: tos}
+		if s != nil {
+			msgs[i].buf = s.seal(buf, sizes[i], 0, first+uint64(i), nonce)
+		}
+	}
+	if err := t.conn.WriteBatch(msgs, *peer); err != nil {
+		t.noteCarrierError(err, peer.String())
+	}
+	t.lastSent.Store(t.since(now))
+	t.stats.txPackets.Add(uint64(n))
+	t.stats.txBytes.Add(uint64(bytes))
+}
+
+// innerTTLAndTOS reads the TTL (hop limit) and the DSCP bits of an inner packet, which the
+// carrier packet copies. The ECN bits are not copied: a congestion mark set on the carrier
+// would not be carried back into the inner packet (RFC 6040's compatibility mode).
+func innerTTLAndTOS(p []byte) (ttl, tos uint8) {
+	switch {
+	case len(p) >= 20 && p[0]>>4 == 4:
+		return p[8], p[1] &^ 0x03
+	case len(p) >= 40 && p[0]>>4 == 6:
+		return p[7], (p[0]<<4 | p[1]>>4) &^ 0x03
+	}
+	return 0, 0
+}
+
+// ---------------------------------------------------------------------------------------
+// Inbound: carrier → open → replay check → TUN.
+
+func (t *tunnel) routineReadFromCarrier() {
+	msgs := make([]carrierMsg, carrierBatch)
+	for i := range msgs {
+		msgs[i].buf = make([]byte, dataOverhead+t.cfg.mtu)
+	}
+	writes := make([][]byte, 0, carrierBatch)
+	var nonce [12]byte
+	for {
+		n, err := t.conn.ReadBatch(msgs)
+		if err != nil {
+			if errors.Is(err, net.ErrClosed) || t.stopping() {
+				return
+			}
+			var ue *unreachableError
+			if errors.As(err, &ue) {
+				t.noteCarrierError(err, "the peer")
+				continue
+			}
+			t.stats.carrierErrors.Add(1)
+			t.log.limitedf(&t.limits.carrier, "receiving: %v", err)
+			time.Sleep(errorPause)
+			continue
+		}
+		if t.kx == nil {
+			writes = t.receivePlain(msgs[:n], writes[:0])
+		} else {
+			writes = t.receiveBatch(msgs[:n], writes[:0], &nonce)
+		}
+		if len(writes) == 0 {
+			continue
+		}
+		if _, err := t.tun.Write(writes, dataHeaderSize); err != nil {
+			if t.stopping() {
+				return
+			}
+			t.stats.tunErrors.Add(1)
+			t.log.limitedf(&t.limits.tun, "writing to the interface: %v", err)
+		}
+	}
+}
+
+// receiveBatch handles one batch of datagrams and appends the inner packets to write to
+// writes, each as a buffer with the packet at offset dataHeaderSize.
+func (t *tunnel) receiveBatch(msgs []carrierMsg, writes [][]byte, nonce *[12]byte) [][]byte {
+	now := time.Now()
+	held := [3]*session{t.keys.current.Load(), t.keys.previous.Load(), t.keys.next.Load()}
+	for i, s := range held {
+		if !t.usable(s, now) {
+			held[i] = nil
+		}
+	}
+	peer := t.peer.Load()
+	var packets, bytes, auth, replays, unknown, malformed uint64
+	authentic := false
+	for i := range msgs {
+		m := &msgs[i]
+		msg := m.buf[:m.n]
+		if len(msg) < 2 || msg[offsetVersion] != protocolVersion {
+			malformed++
+			t.logMalformed(msg, m.from)
+			continue
+		}
+		switch msg[offsetType] {
+		case messageInitiation, messageResponse:
+			t.queueExchange(msg, m.from)
+			continue
+		case messageData:
+		default:
+			malformed++
+			continue
+		}
+		h, err := parseDataHeader(msg)
+		if err != nil {
+			malformed++
+			continue
+		}
+		var s *session
+		for _, c := range held {
+			if c != nil && c.localIndex == h.receiver {
+				s = c
+				break
+			}
+		}
+		if s == nil {
+			unknown++
+			continue
+		}
+		inner, err := s.open(msg, h, nonce)
+		if err != nil {
+			auth++
+			continue
+		}
+		newest := !s.received || h.counter > s.recvMax
+		if !s.acceptCounter(h.counter) {
+			replays++
+			continue
+		}
+		authentic = true
+		if newest {
+			s.recvMax, s.received = h.counter, true
+		}
+		if s == held[2] && t.keys.confirm(s) {
+			t.event(tunnelEvent{kind: eventConfirmed, session: s, from: m.from})
+		}
+		if newest && (peer == nil || *peer != m.from) {
+			t.event(tunnelEvent{kind: eventPeerMoved, session: s, from: m.from})
+		}
+		if len(inner) == 0 {
+			switch {
+			case h.flags&flagGoodbye != 0:
+				t.event(tunnelEvent{kind: eventGoodbye, session: s, from: m.from})
+			case h.flags&flagPing != 0:
+				t.event(tunnelEvent{kind: eventPingRequest, session: s})
+			}
+			continue
+		}
+		if !innerPacketOK(inner) {
+			malformed++
+			continue
+		}
+		packets++
+		bytes += uint64(len(inner))
+		writes = append(writes, m.buf[:dataHeaderSize+len(inner)])
+	}
+	if authentic {
+		t.lastReceived.Store(t.since(now))
+	}
+	t.stats.rxPackets.Add(packets)
+	t.stats.rxBytes.Add(bytes)
+	t.stats.dropAuth.Add(auth)
+	t.stats.dropReplay.Add(replays)
+	t.stats.dropUnknown.Add(unknown)
+	t.stats.dropMalformed.Add(malformed)
+	if auth > 0 {
+		t.log.limitedf(&t.limits.auth, "dropped %d data messages that failed authentication", auth)
+	}
+	return writes
+}
+
+// receivePlain handles a batch in nokey mode: every datagram is an inner packet.
+func (t *tunnel) receivePlain(msgs []carrierMsg, writes [][]byte) [][]byte {
+	peer := t.peer.Load()
+	var packets, bytes, malformed uint64
+	for i := range msgs {
+		m := &msgs[i]
+		// The datagram was received at offset 0; move it behind the header room.
+		inner := m.buf[:m.n]
+		if !innerPacketOK(inner) || m.n+dataHeaderSize > len(m.buf) {
+			malformed++
+			continue
+		}
+		if peer == nil {
+			t.event(tunnelEvent{kind: eventPeerMoved, from: m.from})
+			p := m.from
+			peer = &p
+		} else if *peer != m.from {
+			malformed++ // nokey learns its peer once and never moves
+			continue
+		}
+		copy(m.buf[dataHeaderSize:], inner)
+		packets++
+		bytes += uint64(m.n)
+		writes = append(writes, m.buf[:dataHeaderSize+m.n])
+	}
+	t.stats.rxPackets.Add(packets)
+	t.stats.rxBytes.Add(bytes)
+	t.stats.dropMalformed.Add(malformed)
+	return writes
+}
+
+// innerPacketOK checks that an inner packet is an IPv4 or IPv6 packet of exactly its own
+// length, before it is written to the interface.
+func innerPacketOK(p []byte) bool {
+	switch {
+	case len(p) >= 20 && p[0]>>4 == 4:
+		return int(binary.BigEndian.Uint16(p[2:])) == len(p)
+	case len(p) >= 40 && p[0]>>4 == 6:
+		return int(binary.BigEndian.Uint16(p[4:]))+40 == len(p)
+	}
+	return false
+}
+
+func (t *tunnel) logMalformed(msg []byte, from netip.AddrPort) {
+	if len(msg) > 0 && (msg[0]>>4 == 4 || msg[0]>>4 == 6) {
+		t.log.limitedf(&t.limits.plaintext, "dropped an unencrypted packet from %s (is the peer running with nokey?)", from)
+		return
+	}
+	if t.log.debug {
+		t.log.limitedf(&t.limits.malformed, "dropped a malformed datagram of %d bytes from %s", len(msg), from)
+	}
+}
+
+// queueExchange copies a key-exchange message to the control loop.
+func (t *tunnel) queueExchange(msg []byte, from netip.AddrPort) {
+	if len(msg) > exchangeMessageSize {
+		t.stats.dropMalformed.Add(1)
+		return
+	}
+	m := exchangeMsg{n: len(msg), from: from}
+	copy(m.buf[:], msg)
+	select {
+	case t.exchanges <- m:
+	default:
+		t.stats.dropExchangeQueueFull.Add(1)
+	}
+}
+
+// ---------------------------------------------------------------------------------------
+// Control: key exchanges, timers, link state.
+
+func (t *tunnel) routineControl() {
+	defer close(t.ctlDone)
+	tick := min(t.cfg.tokxc, t.cfg.tokey)
+	for _, d := range []time.Duration{t.cfg.ping, t.cfg.toping} {
+		if d > 0 {
+			tick = min(tick, d)
+		}
+	}
+	tick = max(minTick, min(maxTick, tick/4))
+	ticker := time.NewTicker(tick)
+	defer ticker.Stop()
+	if t.kx == nil {
+		t.log.Printf("WARNING: nokey: traffic is sent UNENCRYPTED and UNAUTHENTICATED; use this for testing only")
+		if p := t.peer.Load(); p != nil {
+			t.linkUp(exchangePayload{})
+		}
+	} else {
+		t.tick(time.Now())
+	}
+	for {
+		select {
+		case <-t.stop:
+			t.shutdown()
+			return
+		case m := <-t.exchanges:
+			t.handleExchange(&m)
+		case ev := <-t.events:
+			t.handleEvent(ev)
+		case now := <-ticker.C:
+			if t.kx != nil {
+				t.tick(now)
+			}
+		}
+	}
+}
+
+func (t *tunnel) stopping() bool {
+	select {
+	case <-t.stop:
+		return true
+	default:
+		return false
+	}
+}
+
+// tick watches the link (toping, maxerr), sends keepalives (ping), expires sessions and
+// starts a key exchange when one is due (PROTOCOL.md §5).
+func (t *tunnel) tick(now time.Time) {
+	if t.keys.expire(now, t.rejectAfter()) && t.keys.current.Load() == nil {
+		t.linkDown("the session keys expired and no new ones could be agreed")
+	}
+	if t.link.up {
+		t.watchLink(now)
+	}
+	cur := t.keys.current.Load()
+	due := cur == nil
+	if cur != nil {
+		age := now.Sub(cur.created)
+		due = (cur.initiator && age >= t.cfg.tokey) || (!cur.initiator && age >= t.cfg.tokey+t.cfg.tokxc) ||
+			cur.sendCounter.Load() >= t.rekeyAfter
+	}
+	if !due {
+		return
+	}
+	var to netip.AddrPort
+	if p := t.peer.Load(); p != nil {
+		to = *p
+	} else if next := t.keys.next.Load(); next != nil && cur == nil && now.Sub(next.created) >= t.cfg.tokxc {
+		// A dynamic peer that answered an initiation but never saw it confirmed (the
+		// confirming keepalive was lost) asks the same address itself.
+		to = t.candidate
+	}
+	if !to.IsValid() {
+		return
+	}
+	if p := t.kx.pending; p != nil && now.Sub(p.sentAt) < t.cfg.tokxc {
+		return // waiting for the response; retry after tokxc
+	}
+	msg, err := t.kx.initiate(now)
+	if err != nil {
+		t.log.Printf("cannot start a key exchange: %v", err)
+		return
+	}
+	t.log.Debugf("sending key exchange initiation to %s", to)
+	t.sendControl(msg, to)
+}
+
+// watchLink applies toping, maxerr and ping to a link that is up.
+func (t *tunnel) watchLink(now time.Time) {
+	silent := time.Duration(t.since(now) - t.lastReceived.Load())
+	switch errs := t.carrierErrors.Load(); {
+	case t.cfg.toping > 0 && silent >= t.cfg.toping:
+		t.keys.clear()
+		t.linkDown(fmt.Sprintf("no word from the peer for %v (toping)", silent.Round(time.Second)))
+		return
+	case t.cfg.maxerr >= 0 && errs > int64(t.cfg.maxerr):
+		t.keys.clear()
+		t.linkDown(fmt.Sprintf("%d carrier errors since the last key exchange (maxerr %d)", errs, t.cfg.maxerr))
+		return
+	}
+	if t.cfg.ping <= 0 {
+		return
+	}
+	idle := time.Duration(t.since(now) - t.lastSent.Load())
+	switch cur := t.keys.current.Load(); {
+	case silent >= t.cfg.ping && now.Sub(t.lastPing) >= t.cfg.ping:
+		t.lastPing = now
+		t.sendKeepalive(cur, flagPing) // the answer shows the peer is alive
+	case idle >= t.cfg.ping:
+		t.sendKeepalive(cur, 0) // keeps NAT mappings open
+	}
+}
+
+// sendControl sends one message from the control loop.
+func (t *tunnel) sendControl(msg []byte, to netip.AddrPort) {
+	t.ctlMsg[0] = carrierMsg{buf: msg}
+	if err := t.conn.WriteBatch(t.ctlMsg[:], to); err != nil {
+		t.noteCarrierError(err, to.String())
+	}
+}
+
+// sendKeepalive sends an empty data message under s to the peer.
+func (t *tunnel) sendKeepalive(s *session, flags byte) {
+	p := t.peer.Load()
+	if s == nil || p == nil {
+		return
+	}
+	counter, ok := s.reserveCounters(1)
+	if !ok {
+		return
+	}
+	t.sendControl(s.seal(t.ctlBuf[:], 0, flags, counter, &t.ctlNonce), *p)
+	t.lastSent.Store(t.since(time.Now()))
+}
+
+func (t *tunnel) handleExchange(m *exchangeMsg) {
+	msg := m.buf[:m.n]
+	now := time.Now()
+	if t.kx == nil {
+		t.stats.dropMalformed.Add(1)
+		return
+	}
+	switch msg[offsetType] {
+	case messageInitiation:
+		resp, res, err := t.kx.consumeInitiation(msg, now)
+		if errors.Is(err, errCollisionWon) {
+			// The peer may never have seen ours (sent before it was listening, or lost):
+			// send the very same initiation again; if it did see it, it ignores the copy.
+			t.log.Debugf("key exchange collision with %s: ours wins, sending it again", m.from)
+			t.sendControl(t.kx.pending.message[:], m.from)
+			return
+		}
+		if err != nil {
+			t.exchangeRefused("initiation", err, m.from)
+			return
+		}
+		res.session.peer = res.peer
+		t.keys.setNext(res.session)
+		t.candidate = m.from
+		t.log.Debugf("answering key exchange initiation from %s", m.from)
+		t.sendControl(resp, m.from)
+	case messageResponse:
+		res, err := t.kx.consumeResponse(msg, now)
+		if err != nil {
+			t.exchangeRefused("response", err, m.from)
+			return
+		}
+		res.session.peer = res.peer
+		t.keys.rotate(res.session)
+		t.setPeer(m.from)
+		t.sessionEstablished(res.session)
+		t.sendKeepalive(res.session, 0) // confirms the session for the responder
+	}
+}
+
+// exchangeRefused logs a refused key-exchange message at a level fitting the reason.
+func (t *tunnel) exchangeRefused(what string, err error, from netip.AddrPort) {
+	t.stats.dropExchange.Add(1)
+	switch {
+	case errors.Is(err, errAuth):
+		t.log.limitedf(&t.limits.auth, "key exchange %s from %s failed authentication (different key?)", what, from)
+	case errors.Is(err, errStale), errors.Is(err, errNotWaiting), errors.Is(err, errMalformed):
+		t.log.Debugf("key exchange %s from %s ignored: %v", what, from, err)
+	default:
+		t.log.limitedf(&t.limits.exchange, "key exchange %s from %s refused: %v", what, from, err)
+	}
+}
+
+// setPeer makes addr the peer's carrier address, logging a change.
+func (t *tunnel) setPeer(addr netip.AddrPort) {
+	old := t.peer.Load()
+	if old != nil && *old == addr {
+		return
+	}
+	t.peer.Store(&addr)
+	if old == nil {
+		t.log.Printf("peer is %s", addr)
+	} else {
+		t.log.Printf("peer moved from %s to %s", *old, addr)
+	}
+}
+
+// sessionEstablished records a new current session and brings the link up if it was down.
+func (t *tunnel) sessionEstablished(s *session) {
+	t.stats.exchanges.Add(1)
+	t.carrierErrors.Store(0)
+	t.lastReceived.Store(t.since(time.Now()))
+	role := "responder"
+	if s.initiator {
+		role = "initiator"
+	}
+	t.log.Debugf("new session %08x/%08x (%v, we were %s)", s.localIndex, s.remoteIndex, s.suite, role)
+	if !t.link.up {
+		t.linkUp(s.peer)
+	}
+}
+
+func (t *tunnel) handleEvent(ev tunnelEvent) {
+	switch ev.kind {
+	case eventConfirmed:
+		t.setPeer(ev.from)
+		t.sessionEstablished(ev.session)
+	case eventPeerMoved:
+		// Only for the session in use: a packet under an older one cannot move the peer.
+		if t.kx == nil || ev.session == t.keys.current.Load() {
+			t.setPeer(ev.from)
+		}
+		if t.kx == nil && !t.link.up {
+			t.linkUp(exchangePayload{})
+		}
+	case eventPingRequest:
+		t.sendKeepalive(t.keys.current.Load(), 0)
+	case eventGoodbye:
+		if ev.session == t.keys.current.Load() {
+			t.keys.clear()
+			t.linkDown("the peer shut down")
+		}
+	}
+}
+
+// scriptArgs are CIPE's arguments for ip-up and ip-down (see scriptCall).
+func (t *tunnel) scriptArgs(ptp netip.Addr) [6]string {
+	local := t.conn.LocalAddr()
+	if p := t.peer.Load(); p != nil && local.Addr().IsUnspecified() {
+		local = netip.AddrPortFrom(sourceAddressFor(p.Addr(), local.Addr()), local.Port())
+	}
+	ptpText := ""
+	if ptp.IsValid() {
+		ptpText = ptp.String()
+	}
+	return [6]string{t.ifname, local.String(), strconv.Itoa(os.Getpid()), t.cfg.ipaddr.String(), ptpText, t.cfg.arg}
+}
+
+// sourceAddressFor asks the kernel which local address it would send to dst from.
+func sourceAddressFor(dst, fallback netip.Addr) netip.Addr {
+	c, err := net.DialUDP("udp", nil, net.UDPAddrFromAddrPort(netip.AddrPortFrom(dst, 9)))
+	if err != nil {
+		return fallback
+	}
+	defer c.Close()
+	return c.LocalAddr().(*net.UDPAddr).AddrPort().Addr().Unmap()
+}
+
+func (t *tunnel) linkUp(info exchangePayload) {
+	ptp := t.cfg.ptpaddr
+	if !ptp.IsValid() && info.addr.IsValid() {
+		ptp = info.addr
+		if t.ifindex != 0 && ptp != t.link.configuredPtp {
+			if err := t.setInterfacePeer(ptp); err != nil {
+				t.log.Printf("cannot set the learned peer address %s on the interface: %v", ptp, err)
+			} else {
+				t.log.Printf("learned the peer's tunnel address %s", ptp)
+			}
+		}
+	}
+	if info.mtu != 0 && int(info.mtu) != t.cfg.mtu {
+		t.log.Printf("warning: the peer's mtu is %d, ours is %d; packets larger than the smaller one are lost", info.mtu, t.cfg.mtu)
+	}
+	t.link = linkState{up: true, since: time.Now(), args: t.scriptArgs(ptp), configuredPtp: t.link.configuredPtp, peerInfo: info}
+	t.up.Store(true)
+	peer := "unknown"
+	if p := t.peer.Load(); p != nil {
+		peer = p.String()
+	}
+	cipher := "none (nokey)"
+	if cur := t.keys.current.Load(); cur != nil {
+		cipher = cur.suite.String()
+	}
+	t.link.env = []string{"CIPED_PEER=" + peer, "CIPED_CIPHER=" + cipher, "CIPED_MTU=" + strconv.Itoa(t.cfg.mtu)}
+	t.log.Printf("link up: peer %s, cipher %s", peer, cipher)
+	t.scripts.enqueue(scriptCall{name: "ip-up", path: t.cfg.ipup, args: t.link.args, env: t.link.env})
+}
+
+func (t *tunnel) linkDown(reason string) {
+	if !t.link.up {
+		return
+	}
+	t.link.up = false
+	t.up.Store(false)
+	t.log.Printf("link down: %s", reason)
+	env := append(append([]string(nil), t.link.env...), "CIPED_REASON="+reason)
+	t.scripts.enqueue(scriptCall{name: "ip-down", path: t.cfg.ipdown, args: t.link.args, env: env})
+}
+
+// setInterfacePeer replaces the interface address with one that names ptp as its peer.
+func (t *tunnel) setInterfacePeer(ptp netip.Addr) error {
+	if err := deleteAddress(t.ifindex, t.cfg.ipaddr, t.link.configuredPtp); err != nil {
+		return err
+	}
+	if err := addAddress(t.ifindex, t.cfg.ipaddr, ptp, t.cfg.metric); err != nil {
+		return err
+	}
+	t.link.configuredPtp = ptp
+	return nil
+}
+
+// shutdown tells the peer, takes the link down and forgets the keys.
+func (t *tunnel) shutdown() {
+	if t.kx != nil {
+		t.sendKeepalive(t.keys.current.Load(), flagGoodbye)
+	}
+	t.linkDown("shutting down")
+	t.keys.clear()
+}

@@ -1,0 +1,470 @@
+package main
+
+import (
+	"bytes"
+	"encoding/binary"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"golang.zx2c4.com/wireguard/tun/tuntest"
+)
+
+// testLog sends a tunnel's log lines to the test's log.
+type testLog struct {
+	t    testing.TB
+	name string
+}
+
+func (w testLog) Write(p []byte) (int, error) {
+	w.t.Logf("%s %s", w.name, bytes.TrimRight(p, "\n"))
+	return len(p), nil
+}
+
+// testEnd is one side of an in-process link: a tunnel over a fake TUN and a loopback
+// UDP socket.
+type testEnd struct {
+	t    *tunnel
+	tun  *tuntest.ChannelTUN
+	cfg  *config
+	addr netip.AddrPort
+}
+
+// send hands an inner packet to the tunnel as if the kernel had routed it there.
+func (e *testEnd) send(tb testing.TB, pkt []byte) {
+	tb.Helper()
+	select {
+	case e.tun.Outbound <- pkt:
+	case <-time.After(10 * time.Second):
+		tb.Fatal("the tunnel did not read from its interface")
+	}
+}
+
+// receive waits for the next inner packet the tunnel delivers.
+func (e *testEnd) receive(tb testing.TB) []byte {
+	tb.Helper()
+	select {
+	case p := <-e.tun.Inbound:
+		return p
+	case <-time.After(10 * time.Second):
+		tb.Fatal("no packet arrived")
+		return nil
+	}
+}
+
+func testConfig(ipaddr, ptpaddr string) *config {
+	key := [linkKeySize]byte{1, 2, 3}
+	return &config{key: &key, ipaddr: netip.MustParseAddr(ipaddr), ptpaddr: netip.MustParseAddr(ptpaddr),
+		mtu: 1420, metric: -1, tokxc: time.Second, tokey: time.Minute, ciphers: knownCiphers,
+		me: netip.MustParseAddrPort("127.0.0.1:0")}
+}
+
+// newTestPair starts two connected tunnels; adjust may change either config first, and
+// wrapA may wrap a's carrier. Both are closed when the test ends.
+func newTestPair(tb testing.TB, adjust func(a, b *config), wrapA ...func(carrier) carrier) (a, b *testEnd) {
+	tb.Helper()
+	ca, cb := testConfig("10.0.0.1", "10.0.0.2"), testConfig("10.0.0.2", "10.0.0.1")
+	ends := []*testEnd{{cfg: ca}, {cfg: cb}}
+	conns := make([]*udpCarrier, 2)
+	for i, e := range ends {
+		c, err := listenCarrier(e.cfg.me, carrierBatch)
+		if err != nil {
+			tb.Fatal(err)
+		}
+		conns[i], e.addr = c, c.LocalAddr()
+	}
+	ca.peer, cb.peer = ends[1].addr, ends[0].addr
+	if adjust != nil {
+		adjust(ca, cb)
+	}
+	for i, e := range ends {
+		e.tun = tuntest.NewChannelTUN()
+		name := string(rune('A' + i))
+		var w io.Writer = io.Discard
+		if testing.Verbose() {
+			w = testLog{tb, name}
+		}
+		var conn carrier = conns[i]
+		if i == 0 && len(wrapA) > 0 {
+			conn = wrapA[0](conn)
+		}
+		e.t = newTunnel(e.cfg, newLogger(w, "tun"+name, true), e.tun.TUN(), conn, "tun"+name, 0)
+	}
+	for _, e := range ends {
+		e.t.start()
+		tb.Cleanup(e.t.close)
+	}
+	return ends[0], ends[1]
+}
+
+// waitFor polls cond until it holds or the (generous) bound passes.
+func waitFor(tb testing.TB, what string, bound time.Duration, cond func() bool) {
+	tb.Helper()
+	deadline := time.Now().Add(bound)
+	for !cond() {
+		if time.Now().After(deadline) {
+			tb.Fatalf("timed out after %v waiting for %s", bound, what)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+func waitUp(tb testing.TB, ends ...*testEnd) {
+	tb.Helper()
+	waitFor(tb, "link up", 20*time.Second, func() bool {
+		for _, e := range ends {
+			if !e.t.up.Load() {
+				return false
+			}
+		}
+		return true
+	})
+}
+
+// numberedPing is an ICMPv4 echo request from src to dst carrying n, so that a received
+// packet can be told apart from every other one.
+func numberedPing(src, dst string, n uint32) []byte {
+	p := tuntest.Ping(netip.MustParseAddr(dst), netip.MustParseAddr(src))
+	binary.BigEndian.PutUint32(p[24:], n) // identifier and sequence number
+	return p
+}
+
+func pingNumber(p []byte) uint32 { return binary.BigEndian.Uint32(p[24:]) }
+
+func TestTunnelInProcess(t *testing.T) {
+	before := runtime.NumGoroutine()
+	func() {
+		a, b := newTestPair(t, nil)
+		waitUp(t, a, b)
+		for i := uint32(0); i < 50; i++ {
+			a.send(t, numberedPing("10.0.0.1", "10.0.0.2", i))
+			if got := b.receive(t); pingNumber(got) != i || !bytes.Equal(got, numberedPing("10.0.0.1", "10.0.0.2", i)) {
+				t.Fatalf("b received %x, want ping %d", got, i)
+			}
+			b.send(t, numberedPing("10.0.0.2", "10.0.0.1", i))
+			if got := a.receive(t); pingNumber(got) != i {
+				t.Fatalf("a received ping %d, want %d", pingNumber(got), i)
+			}
+		}
+		if a.t.stats.rxPackets.Load() != 50 || b.t.stats.txPackets.Load() != 50 {
+			t.Errorf("counters: a received %d, b sent %d", a.t.stats.rxPackets.Load(), b.t.stats.txPackets.Load())
+		}
+		a.t.close()
+		b.t.close()
+	}()
+	// Every goroutine of both tunnels ends with close.
+	waitFor(t, "the tunnels' goroutines to end", 10*time.Second, func() bool { return runtime.NumGoroutine() <= before })
+}
+
+func TestTunnelCipherNegotiation(t *testing.T) {
+	a, b := newTestPair(t, func(a, b *config) { b.ciphers = cipherChaCha20Poly1305 })
+	waitUp(t, a, b)
+	for _, e := range []*testEnd{a, b} {
+		if s := e.t.keys.current.Load(); s == nil || s.suite != cipherChaCha20Poly1305 {
+			t.Errorf("session %+v, want ChaCha20-Poly1305 (one side does not offer AES)", s)
+		}
+	}
+}
+
+// TestTunnelRekeyUnderTraffic rekeys every 100 ms (and by packet count) while packets
+// flow both ways, under the race detector in CI, and checks that none is lost or
+// duplicated.
+func TestTunnelRekeyUnderTraffic(t *testing.T) {
+	a, b := newTestPair(t, func(a, b *config) {
+		a.tokey, b.tokey = 100*time.Millisecond, 100*time.Millisecond
+		a.tokxc, b.tokxc = 100*time.Millisecond, 100*time.Millisecond
+	})
+	b.t.rekeyAfter = 300 // also rekey by count
+	waitUp(t, a, b)
+	start := a.t.stats.exchanges.Load() + b.t.stats.exchanges.Load()
+	const n = 3000
+	var wg sync.WaitGroup
+	for _, dir := range []struct {
+		from, to *testEnd
+		src, dst string
+	}{{a, b, "10.0.0.1", "10.0.0.2"}, {b, a, "10.0.0.2", "10.0.0.1"}} {
+		wg.Add(2)
+		go func() {
+			defer wg.Done()
+			for i := uint32(0); i < n; i++ {
+				dir.from.tun.Outbound <- numberedPing(dir.src, dir.dst, i)
+				if i%10 == 0 {
+					time.Sleep(time.Millisecond) // spread the traffic over many rekeys
+				}
+			}
+		}()
+		go func() {
+			defer wg.Done()
+			seen := make([]bool, n)
+			for got := 0; got < n; got++ {
+				select {
+				case p := <-dir.to.tun.Inbound:
+					i := pingNumber(p)
+					if i >= n || seen[i] {
+						t.Errorf("%s: packet %d delivered twice or unknown", dir.dst, i)
+						return
+					}
+					seen[i] = true
+				case <-time.After(20 * time.Second):
+					t.Errorf("%s: only %d of %d packets arrived", dir.dst, got, n)
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	rekeys := a.t.stats.exchanges.Load() + b.t.stats.exchanges.Load() - start
+	if rekeys < 10 {
+		t.Errorf("only %d key exchanges during the transfer, want many", rekeys)
+	}
+	for _, e := range []*testEnd{a, b} {
+		s := &e.t.stats
+		if s.dropNoSession.Load()+s.dropAuth.Load()+s.dropReplay.Load()+s.dropUnknown.Load() != 0 {
+			t.Errorf("drops: %s", s.summary())
+		}
+	}
+	t.Logf("%d key exchanges while %d packets went each way", rekeys, n)
+}
+
+// TestTunnelWrongKey: different keys never bring the link up.
+func TestTunnelWrongKey(t *testing.T) {
+	a, b := newTestPair(t, func(a, b *config) {
+		other := [linkKeySize]byte{9}
+		b.key = &other
+		a.tokxc, b.tokxc = 50*time.Millisecond, 50*time.Millisecond
+	})
+	waitFor(t, "several refused exchanges", 20*time.Second, func() bool {
+		return a.t.stats.dropExchange.Load() >= 5 && b.t.stats.dropExchange.Load() >= 5
+	})
+	if a.t.up.Load() || b.t.up.Load() || a.t.keys.current.Load() != nil || b.t.keys.current.Load() != nil {
+		t.Fatal("a link with two different keys came up")
+	}
+}
+
+// rawSender is a UDP socket for injecting datagrams at a tunnel's carrier port.
+func rawSender(tb testing.TB) *net.UDPConn {
+	c, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(func() { c.Close() })
+	return c
+}
+
+// recordingCarrier keeps a copy of every datagram sent through it.
+type recordingCarrier struct {
+	carrier
+	mu   sync.Mutex
+	sent [][]byte
+}
+
+func (r *recordingCarrier) WriteBatch(msgs []carrierMsg, to netip.AddrPort) error {
+	r.mu.Lock()
+	for _, m := range msgs {
+		r.sent = append(r.sent, bytes.Clone(m.buf))
+	}
+	r.mu.Unlock()
+	return r.carrier.WriteBatch(msgs, to)
+}
+
+// TestTunnelReplayAndGarbage replays recorded traffic from another address and throws
+// garbage at the port: nothing is delivered twice, the peer does not move, and the link
+// keeps working.
+func TestTunnelReplayAndGarbage(t *testing.T) {
+	var rec *recordingCarrier
+	a, b := newTestPair(t, nil, func(c carrier) carrier {
+		rec = &recordingCarrier{carrier: c} // records what a sends
+		return rec
+	})
+	waitUp(t, a, b)
+	for i := uint32(0); i < 20; i++ {
+		a.send(t, numberedPing("10.0.0.1", "10.0.0.2", i))
+		b.receive(t)
+	}
+	rec.mu.Lock()
+	recorded := append([][]byte(nil), rec.sent...)
+	rec.mu.Unlock()
+	if len(recorded) < 20 {
+		t.Fatalf("recorded only %d datagrams", len(recorded))
+	}
+	peerBefore := *b.t.peer.Load()
+	attacker := rawSender(t)
+	to := net.UDPAddrFromAddrPort(b.addr)
+	for _, d := range recorded {
+		if _, err := attacker.WriteToUDP(d, to); err != nil {
+			t.Fatal(err)
+		}
+	}
+	garbage := [][]byte{{}, {1}, {1, 3}, {1, 3, 0, 0, 1, 2, 3, 4}, bytes.Repeat([]byte{0xff}, 1500),
+		{0x45, 0, 0, 20}, append([]byte{1, 1}, make([]byte, 114)...), append([]byte{1, 2}, make([]byte, 110)...)}
+	for _, d := range recorded {
+		if len(d) > dataHeaderSize {
+			truncated := bytes.Clone(d[:len(d)-1])
+			flipped := bytes.Clone(d)
+			flipped[len(d)-1] ^= 1
+			garbage = append(garbage, truncated, flipped)
+		}
+	}
+	for _, d := range garbage {
+		if _, err := attacker.WriteToUDP(d, to); err != nil {
+			t.Fatal(err)
+		}
+	}
+	stats := &b.t.stats
+	waitFor(t, "the replays and garbage to be counted", 10*time.Second, func() bool {
+		return stats.dropReplay.Load() >= 20 && stats.dropAuth.Load() >= 10 && stats.dropMalformed.Load() >= 4
+	})
+	select {
+	case p := <-b.tun.Inbound:
+		t.Fatalf("a replayed or forged packet was delivered: %x", p)
+	case <-time.After(200 * time.Millisecond):
+	}
+	if got := *b.t.peer.Load(); got != peerBefore {
+		t.Fatalf("replayed packets moved the peer from %s to %s", peerBefore, got)
+	}
+	// Still working both ways.
+	a.send(t, numberedPing("10.0.0.1", "10.0.0.2", 1000))
+	if got := b.receive(t); pingNumber(got) != 1000 {
+		t.Fatalf("after the attack b received %d", pingNumber(got))
+	}
+	b.send(t, numberedPing("10.0.0.2", "10.0.0.1", 1001))
+	if got := a.receive(t); pingNumber(got) != 1001 {
+		t.Fatalf("after the attack a received %d", pingNumber(got))
+	}
+}
+
+func TestTunnelNokey(t *testing.T) {
+	a, b := newTestPair(t, func(a, b *config) {
+		a.key, b.key = nil, nil
+		b.peer = netip.AddrPort{} // b learns a's address from its first packet
+	})
+	waitFor(t, "a's link up", 10*time.Second, a.t.up.Load)
+	a.send(t, numberedPing("10.0.0.1", "10.0.0.2", 7))
+	if got := b.receive(t); !bytes.Equal(got, numberedPing("10.0.0.1", "10.0.0.2", 7)) {
+		t.Fatalf("b received %x", got)
+	}
+	waitFor(t, "b to learn its peer", 10*time.Second, b.t.up.Load)
+	b.send(t, numberedPing("10.0.0.2", "10.0.0.1", 8))
+	if got := a.receive(t); pingNumber(got) != 8 {
+		t.Fatalf("a received %x", got)
+	}
+	// A keyed peer's message is not an IP packet: dropped, not delivered.
+	if _, err := rawSender(t).WriteToUDP(dataVectorBytes(t), net.UDPAddrFromAddrPort(b.addr)); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the drop", 10*time.Second, func() bool { return b.t.stats.dropMalformed.Load() == 1 })
+}
+
+func dataVectorBytes(t testing.TB) []byte { return unhex(t, dataVectors[0].wantHex) }
+
+// TestTunnelDynamicPeer: with peer=0.0.0.0:0 and no ptpaddr, b waits for a, learns its
+// carrier and tunnel addresses, and the link works both ways.
+func TestTunnelDynamicPeer(t *testing.T) {
+	a, b := newTestPair(t, func(a, b *config) {
+		b.peer = netip.AddrPort{}
+		b.ptpaddr = netip.Addr{}
+	})
+	waitUp(t, a, b)
+	if got := *b.t.peer.Load(); got != a.addr {
+		t.Errorf("b learned peer %s, want %s", got, a.addr)
+	}
+	if b.t.link.args[4] != "10.0.0.1" {
+		t.Errorf("b's scripts get ptpaddr %q, want the learned 10.0.0.1", b.t.link.args[4])
+	}
+	b.send(t, numberedPing("10.0.0.2", "10.0.0.1", 3))
+	if got := a.receive(t); pingNumber(got) != 3 {
+		t.Fatalf("a received %x", got)
+	}
+}
+
+// TestTunnelScripts: ip-up runs with CIPE's arguments when the link comes up, ip-down
+// with the same ones when it goes down, in that order, never blocking the tunnel.
+func TestTunnelScripts(t *testing.T) {
+	dir := t.TempDir()
+	script := func(name string) string {
+		path := filepath.Join(dir, name)
+		body := fmt.Sprintf("#!/bin/sh\nsleep 0.2\necho \"%s $* peer=$CIPED_PEER cipher=$CIPED_CIPHER reason=$CIPED_REASON\" >> %s/calls\necho output of %s\n",
+			name, dir, name)
+		if err := os.WriteFile(path, []byte(body), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		return path
+	}
+	up, down := script("ip-up"), script("ip-down")
+	a, b := newTestPair(t, func(a, b *config) {
+		a.ipup, a.ipdown, a.arg = up, down, "extra"
+	})
+	waitUp(t, a, b)
+	b.t.close() // says goodbye: a's link goes down at once
+	waitFor(t, "a's link to go down", 10*time.Second, func() bool { return !a.t.up.Load() })
+	a.t.close()
+	calls, err := os.ReadFile(filepath.Join(dir, "calls"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	lines := strings.Split(strings.TrimSpace(string(calls)), "\n")
+	args := fmt.Sprintf("tunA %s %d 10.0.0.1 10.0.0.2 extra peer=%s", a.addr, os.Getpid(), b.addr)
+	want := []string{
+		"ip-up " + args + " cipher=AES-256-GCM reason=",
+		"ip-down " + args + " cipher=AES-256-GCM reason=the peer shut down",
+	}
+	if !hasAESHardware() {
+		want = []string{strings.ReplaceAll(want[0], "AES-256-GCM", "ChaCha20-Poly1305"), strings.ReplaceAll(want[1], "AES-256-GCM", "ChaCha20-Poly1305")}
+	}
+	if len(lines) != 2 || lines[0] != want[0] || lines[1] != want[1] {
+		t.Fatalf("script calls:\n%s\nwant:\n%s", strings.Join(lines, "\n"), strings.Join(want, "\n"))
+	}
+}
+
+// crash stops a tunnel as kill -9 would: no goodbye reaches the peer, and its port is
+// closed, so that what the peer sends there comes back as ICMP port unreachable.
+func (e *testEnd) crash() {
+	e.t.conn.Close()
+	e.t.close()
+}
+
+// TestTunnelPing: with ping and toping on one side only, an idle link stays up because
+// the other side answers the pings; when that side dies silently, toping takes the link
+// down and ip-down runs.
+func TestTunnelPing(t *testing.T) {
+	a, b := newTestPair(t, func(a, b *config) {
+		a.ping, a.toping = 200*time.Millisecond, time.Second
+		a.maxerr = -1 // only toping may decide here
+	})
+	waitUp(t, a, b)
+	time.Sleep(3 * time.Second) // idle: only the keepalives pass
+	if !a.t.up.Load() {
+		t.Fatal("an idle link whose peer answers pings went down")
+	}
+	b.crash()
+	waitFor(t, "toping to take the link down", 20*time.Second, func() bool { return !a.t.up.Load() })
+	if a.t.keys.current.Load() != nil {
+		t.Error("the dead peer's session was kept")
+	}
+}
+
+// TestTunnelMaxerr: ICMP errors for datagrams to a peer that is gone take the link down
+// after maxerr of them, without ping or toping.
+func TestTunnelMaxerr(t *testing.T) {
+	a, b := newTestPair(t, func(a, b *config) { a.maxerr = 3 })
+	waitUp(t, a, b)
+	b.crash()
+	for i := uint32(0); a.t.up.Load() && i < 1000; i++ {
+		a.send(t, numberedPing("10.0.0.1", "10.0.0.2", i))
+		time.Sleep(10 * time.Millisecond)
+	}
+	if a.t.up.Load() {
+		t.Fatalf("still up after 1000 packets into a closed port; %s", a.t.stats.summary())
+	}
+	if got := a.t.stats.carrierErrors.Load(); got < 4 {
+		t.Errorf("link down after %d carrier errors, want more than maxerr=3", got)
+	}
+}
