@@ -406,3 +406,21 @@ func TestE2ELateStart(t *testing.T) {
 	l.b = startDaemon(t, "ciped B again", l.ns.b, l.b.cmd.Args[5:]...)
 	l.waitUp(t) // the bound (30 s) is half of tokxc
 }
+
+// TestE2EInterfaceRemoved: if someone deletes the interface, ciped says so and exits 1
+// instead of running on without it.
+func TestE2EInterfaceRemoved(t *testing.T) {
+	requireRoot(t)
+	l := &link{}
+	l.start(t, false)
+	l.waitUp(t)
+	mustRun(t, "ip", "-n", l.ns.a, "link", "del", "dev", "cipcb0")
+	select {
+	case <-l.a.done:
+	case <-time.After(linkBound):
+		t.Fatal("ciped kept running without its interface")
+	}
+	if l.a.status != 1 || !strings.Contains(l.a.log.String(), "ciped: error: the interface cipcb0 is gone") {
+		t.Fatalf("exit status %d, log:\n%s", l.a.status, l.a.log.String())
+	}
+}

@@ -162,6 +162,9 @@ func runTunnel(cfg *config, stderr io.Writer, stop <-chan struct{}) error {
 	log := newLogger(stderr, "ciped", cfg.debug)
 	dev, err := tun.CreateTUN(cfg.device, cfg.mtu)
 	if err != nil {
+		if errors.Is(err, os.ErrPermission) {
+			return fmt.Errorf("create interface %q: %w (ciped needs root, or CAP_NET_ADMIN)", cfg.device, err)
+		}
 		return fmt.Errorf("create interface %q: %w", cfg.device, err)
 	}
 	name, err := dev.Name()
@@ -207,10 +210,15 @@ func runTunnel(cfg *config, stderr io.Writer, stop <-chan struct{}) error {
 
 	t := newTunnel(cfg, log, dev, conn, name, index)
 	t.start()
-	<-stop
+	var failure error
+	select {
+	case <-stop:
+	case failure = <-t.failed:
+		log.Printf("%v: shutting down", failure)
+	}
 	t.close()
 	log.Printf("stopped: %s", t.stats.summary())
-	return nil
+	return failure
 }
 
 // Compile-time check that the real socket is a carrier.

@@ -14,6 +14,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"path/filepath"
 	"reflect"
 	"strconv"
 	"strings"
@@ -711,7 +712,12 @@ func (c *cli) config() (*config, error) {
 			}
 			continue
 		}
-		info, err := os.Stat(*s.path)
+		abs, err := filepath.Abs(*s.path) // scripts run in /
+		if err != nil {
+			return nil, usagef("%s: %v", c.origin(s.name), err)
+		}
+		*s.path = abs
+		info, err := os.Stat(abs)
 		if err != nil {
 			return nil, usagef("%s: %v", c.origin(s.name), err)
 		}

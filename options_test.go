@@ -333,6 +333,21 @@ func TestCLI(t *testing.T) {
 	}
 }
 
+// TestScriptPathsAbsolute: scripts run with / as working directory, so a relative path
+// is made absolute when the options are read.
+func TestScriptPathsAbsolute(t *testing.T) {
+	dir := t.TempDir()
+	writeFile(t, dir, "up", "#!/bin/sh\n", 0o755)
+	t.Chdir(dir)
+	cfg, err := parseConfig(t, "", append(baseArgs, "nokey", "ipup=up")...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.ipup != filepath.Join(dir, "up") {
+		t.Errorf("ipup=up became %q, want %q", cfg.ipup, filepath.Join(dir, "up"))
+	}
+}
+
 func TestHostnamesResolve(t *testing.T) {
 	cfg, err := parseConfig(t, "", "peer=localhost:6000", "ipaddr=10.0.0.1", "nokey", "me=127.0.0.1:0")
 	if err != nil {

@@ -212,6 +212,7 @@ type tunnel struct {
 
 	limits struct{ auth, exchange, malformed, plaintext, carrier, tun rateLimit }
 
+	failed   chan error // receives why the tunnel cannot go on (the interface vanished)
 	stop     chan struct{}
 	stopOnce sync.Once
 	ctlDone  chan struct{} // closed when the control loop has finished its shutdown work
@@ -233,6 +234,7 @@ type linkState struct {
 func newTunnel(cfg *config, log *logger, dev tun.Device, conn carrier, ifname string, ifindex int) *tunnel {
 	t := &tunnel{cfg: cfg, log: log, tun: dev, conn: conn, ifname: ifname, ifindex: ifindex,
 		exchanges: make(chan exchangeMsg, exchangeQueueSize), events: make(chan tunnelEvent, eventQueueSize),
+		failed: make(chan error, 1),
 		stop: make(chan struct{}), ctlDone: make(chan struct{}), rekeyAfter: rekeyAfterPackets, epoch: time.Now()}
 	for _, r := range []*rateLimit{&t.limits.auth, &t.limits.exchange, &t.limits.malformed, &t.limits.plaintext,
 		&t.limits.carrier, &t.limits.tun} {
@@ -264,7 +266,14 @@ func (t *tunnel) start() {
 	go func() {
 		defer t.wg.Done()
 		for ev := range t.tun.Events() {
-			t.log.Debugf("interface event %d", ev)
+			if ev&tun.EventMTUUpdate != 0 {
+				if mtu, err := t.tun.MTU(); err == nil && mtu != t.cfg.mtu {
+					t.log.Printf("warning: the interface MTU was changed to %d from outside; ciped sends and receives at most mtu=%d", mtu, t.cfg.mtu)
+				}
+			}
+			if ev&tun.EventDown != 0 {
+				t.log.Debugf("the interface is down")
+			}
 		}
 	}()
 }
@@ -297,7 +306,11 @@ func (t *tunnel) usable(s *session, now time.Time) bool {
 func (t *tunnel) since(now time.Time) int64 { return int64(now.Sub(t.epoch)) }
 
 // noteCarrierError counts a failed send or an ICMP error reported by the carrier.
-func (t *tunnel) noteCarrierError(err error, to string) {
+func (t *tunnel) noteCarrierError(err error) {
+	to := "the peer"
+	if p := t.peer.Load(); p != nil {
+		to = p.String()
+	}
 	n := 1
 	var ue *unreachableError
 	if errors.As(err, &ue) {
@@ -305,13 +318,18 @@ func (t *tunnel) noteCarrierError(err error, to string) {
 		if errors.Is(ue.err, syscall.EMSGSIZE) {
 			// A smaller path MTU, not a peer that is gone: not one of maxerr's errors.
 			t.stats.carrierErrors.Add(uint64(n))
-			t.log.limitedf(&t.limits.carrier, "carrier path to %s is too small for some packets: %v", to, err)
+			t.log.limitedf(&t.limits.carrier, "the carrier path to %s is too small for some packets: %v", to, ue.err)
 			return
 		}
+		err = ue.err
 	}
 	t.stats.carrierErrors.Add(uint64(n))
 	t.carrierErrors.Add(int64(n))
-	t.log.limitedf(&t.limits.carrier, "carrier error towards %s: %v", to, err)
+	times := "once"
+	if n > 1 {
+		times = fmt.Sprintf("%d times", n)
+	}
+	t.log.limitedf(&t.limits.carrier, "carrier: sending to %s failed %s: %v", to, times, err)
 }
 
 // event hands an event to the control loop without blocking; if the queue is full the
@@ -338,7 +356,11 @@ func (t *tunnel) routineReadFromTUN() {
 	for {
 		n, err := t.tun.Read(bufs, sizes, dataHeaderSize)
 		if err != nil && !errors.Is(err, tun.ErrTooManySegments) {
-			if errors.Is(err, os.ErrClosed) || t.stopping() {
+			if t.stopping() {
+				return
+			}
+			if errors.Is(err, os.ErrClosed) {
+				t.failed <- fmt.Errorf("the interface %s is gone", t.ifname)
 				return
 			}
 			t.stats.tunErrors.Add(1)
@@ -390,7 +412,7 @@ func (t *tunnel) sendBatch(bufs [][]byte, sizes []int, msgs []carrierMsg, nonce 
 		}
 	}
 	if err := t.conn.WriteBatch(msgs, *peer); err != nil {
-		t.noteCarrierError(err, peer.String())
+		t.noteCarrierError(err)
 	}
 	t.lastSent.Store(t.since(now))
 	t.stats.txPackets.Add(uint64(n))
@@ -428,7 +450,7 @@ func (t *tunnel) routineReadFromCarrier() {
 			}
 			var ue *unreachableError
 			if errors.As(err, &ue) {
-				t.noteCarrierError(err, "the peer")
+				t.noteCarrierError(err)
 				continue
 			}
 			t.stats.carrierErrors.Add(1)
@@ -740,7 +762,7 @@ func (t *tunnel) watchLink(now time.Time) {
 func (t *tunnel) sendControl(msg []byte, to netip.AddrPort) {
 	t.ctlMsg[0] = carrierMsg{buf: msg}
 	if err := t.conn.WriteBatch(t.ctlMsg[:], to); err != nil {
-		t.noteCarrierError(err, to.String())
+		t.noteCarrierError(err)
 	}
 }
 
