@@ -235,7 +235,7 @@ func newTunnel(cfg *config, log *logger, dev tun.Device, conn carrier, ifname st
 	t := &tunnel{cfg: cfg, log: log, tun: dev, conn: conn, ifname: ifname, ifindex: ifindex,
 		exchanges: make(chan exchangeMsg, exchangeQueueSize), events: make(chan tunnelEvent, eventQueueSize),
 		failed: make(chan error, 1),
-		stop: make(chan struct{}), ctlDone: make(chan struct{}), rekeyAfter: rekeyAfterPackets, epoch: time.Now()}
+		stop:   make(chan struct{}), ctlDone: make(chan struct{}), rekeyAfter: rekeyAfterPackets, epoch: time.Now()}
 	for _, r := range []*rateLimit{&t.limits.auth, &t.limits.exchange, &t.limits.malformed, &t.limits.plaintext,
 		&t.limits.carrier, &t.limits.tun} {
 		r.interval = logInterval
