@@ -6,13 +6,16 @@ package main
 import (
 	"bytes"
 	"crypto/sha256"
+	"encoding/binary"
 	"fmt"
 	"io"
 	"math/rand/v2"
 	"net"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -41,6 +44,7 @@ type link struct {
 	extraA []string
 	extraB []string
 	nokey  bool // no key files: a plain IP-in-UDP link
+	noMeA  bool // a leaves out me: any address, a port the system picks
 }
 
 func endpoint(addr fmt.Stringer, port string) string {
@@ -67,8 +71,11 @@ func (l *link) start(t *testing.T, ipv6Carrier bool) {
 	if l.devA == "" {
 		l.devA, l.devB = "cipcb0", "cipcb0"
 	}
-	argsA := append([]string{"me=" + endpoint(l.ns.carrierA, e2ePort), "peer=" + endpoint(l.ns.carrierB, e2ePort),
+	argsA := append([]string{"peer=" + endpoint(l.ns.carrierB, e2ePort),
 		"ipaddr=" + l.tunA, "ptpaddr=" + l.tunB, "device=" + l.devA, "debug"}, l.extraA...)
+	if !l.noMeA {
+		argsA = append(argsA, "me="+endpoint(l.ns.carrierA, e2ePort))
+	}
 	argsB := append([]string{"me=" + endpoint(l.ns.carrierB, e2ePort), "peer=" + endpoint(l.ns.carrierA, e2ePort),
 		"ipaddr=" + l.tunB, "ptpaddr=" + l.tunA, "device=" + l.devB, "debug"}, l.extraB...)
 	if l.nokey {
@@ -176,14 +183,24 @@ func readLines(t *testing.T, path string) []string {
 }
 
 // TestE2ELink is the main job: the link comes up, ping works both ways, 50 MB of TCP
-// arrive intact, ip-up and ip-down run with CIPE's arguments, SIGTERM cleans up.
+// arrive intact, ip-up and ip-down run with CIPE's arguments, SIGTERM cleans up. Side a
+// leaves out me (so b's idea of a's port is wrong, as behind NAT) and sets a metric.
 func TestE2ELink(t *testing.T) {
 	requireRoot(t)
-	l := &link{devA: "cpd%d"}
+	l := &link{devA: "cpd%d", noMeA: true}
 	l.dir = t.TempDir()
-	l.extraA = scriptRecorder(t, l.dir)
+	l.extraA = append(scriptRecorder(t, l.dir), "metric=7")
 	l.start(t, false)
 	l.waitUp(t)
+	// b learned a's real port from the authenticated session.
+	port := regexp.MustCompile(`carrier 0\.0\.0\.0:(\d+) to`).FindStringSubmatch(l.a.log.String())
+	if port == nil {
+		t.Fatalf("a's log does not name its carrier port")
+	}
+	l.b.waitLog(t, "peer moved from 198.18.0.1:"+e2ePort+" to 198.18.0.1:"+port[1], linkBound)
+	if routes := mustRun(t, "ip", "-n", l.ns.a, "route", "show", e2eTunnelB); !strings.Contains(routes, "metric 7") {
+		t.Errorf("route to the peer without metric 7:\n%s", routes)
+	}
 
 	if got := ping(t, l.ns.a, e2eTunnelB, 5, "0.2"); got != 5 {
 		t.Errorf("ping a→b: %d of 5 replies", got)
@@ -206,7 +223,7 @@ func TestE2ELink(t *testing.T) {
 		_, err := os.Stat(filepath.Join(l.dir, "calls"))
 		return err == nil
 	})
-	args := fmt.Sprintf("cpd0 198.18.0.1:%s %d %s %s site-b peer=198.18.0.2:%s", e2ePort, l.a.pid(), e2eTunnelA, e2eTunnelB, e2ePort)
+	args := fmt.Sprintf("cpd0 198.18.0.1:%s %d %s %s site-b peer=198.18.0.2:%s", port[1], l.a.pid(), e2eTunnelA, e2eTunnelB, e2ePort)
 	if calls := readLines(t, filepath.Join(l.dir, "calls")); len(calls) != 1 || calls[0] != "ip-up "+args+" reason=" {
 		t.Errorf("script calls after link up:\n%s\nwant:\nip-up %s reason=", strings.Join(calls, "\n"), args)
 	}
@@ -224,6 +241,11 @@ func TestE2ELink(t *testing.T) {
 	l.b.waitLog(t, "link down: the peer shut down", linkBound)
 	if !strings.Contains(l.a.log.String(), "stopped: ") {
 		t.Errorf("no final summary in the log")
+	}
+	for _, d := range []*daemon{l.a, l.b} {
+		if strings.Contains(d.log.String(), testKey) {
+			t.Errorf("%s logged the key", d.name)
+		}
 	}
 }
 
@@ -266,12 +288,27 @@ func TestE2EWrongKey(t *testing.T) {
 	l := &link{keyA: testKey, keyB: strings.Repeat("ab", 16)}
 	l.extraA, l.extraB = []string{"tokxc=1"}, []string{"tokxc=1"}
 	l.start(t, false)
+	stop := make(chan struct{})
+	frames := capture(t, l.ns.b, "ve1", stop)
 	l.a.waitLog(t, "failed authentication", linkBound)
 	l.b.waitLog(t, "failed authentication", linkBound)
 	// Several retries later (tokxc=1), still nothing.
 	waitFor(t, "retries", linkBound, func() bool { return l.a.count("sending key exchange initiation") >= 5 })
 	if got := ping(t, l.ns.a, e2eTunnelB, 2, "0.5"); got != 0 {
 		t.Errorf("ping through a link with two keys: %d replies", got)
+	}
+	close(stop)
+	// Without a session nothing but key-exchange initiations crossed the carrier, though
+	// ping had packets to send.
+	initiations := 0
+	for _, p := range udpPackets(<-frames) {
+		if len(p.payload) != initiationSize || p.payload[offsetType] != messageInitiation {
+			t.Fatalf("a %d-byte datagram of type %d crossed the carrier without a session", len(p.payload), p.payload[1])
+		}
+		initiations++
+	}
+	if initiations < 10 {
+		t.Errorf("only %d initiations captured", initiations)
 	}
 	for _, d := range []*daemon{l.a, l.b} {
 		if strings.Contains(d.log.String(), "link up") {
@@ -284,8 +321,8 @@ func TestE2EWrongKey(t *testing.T) {
 }
 
 // capture reads frames from the carrier interface of ns until stop is closed and returns
-// their bytes, concatenated.
-func capture(t *testing.T, ns, dev string, stop <-chan struct{}) <-chan []byte {
+// them.
+func capture(t *testing.T, ns, dev string, stop <-chan struct{}) <-chan [][]byte {
 	t.Helper()
 	var fd int
 	if err := inNetns(ns, func() (err error) {
@@ -303,24 +340,55 @@ func capture(t *testing.T, ns, dev string, stop <-chan struct{}) <-chan []byte {
 	}
 	unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &unix.Timeval{Usec: 100000})
 	unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, 64<<20)
-	out := make(chan []byte, 1)
+	out := make(chan [][]byte, 1)
 	go func() {
 		defer unix.Close(fd)
-		var all bytes.Buffer
+		var frames [][]byte
 		buf := make([]byte, 65536)
 		for {
 			select {
 			case <-stop:
-				out <- all.Bytes()
+				out <- frames
 				return
 			default:
 			}
 			n, _, err := unix.Recvfrom(fd, buf, 0)
 			if err == nil {
-				all.Write(buf[:n])
+				frames = append(frames, bytes.Clone(buf[:n]))
 			}
 		}
 	}()
+	return out
+}
+
+// udpPacket is a UDP datagram seen on the carrier.
+type udpPacket struct {
+	src, dst netip.AddrPort
+	ttl, tos uint8
+	payload  []byte
+}
+
+// udpPackets picks the IPv4 UDP datagrams out of captured Ethernet frames.
+func udpPackets(frames [][]byte) []udpPacket {
+	var out []udpPacket
+	for _, f := range frames {
+		if len(f) < 14+20+8 || binary.BigEndian.Uint16(f[12:]) != 0x0800 {
+			continue
+		}
+		ip := f[14:]
+		ihl := int(ip[0]&0x0f) * 4
+		if ip[9] != unix.IPPROTO_UDP || len(ip) < ihl+8 {
+			continue
+		}
+		udp := ip[ihl:]
+		out = append(out, udpPacket{
+			src:     netip.AddrPortFrom(netip.AddrFrom4([4]byte(ip[12:16])), binary.BigEndian.Uint16(udp[0:])),
+			dst:     netip.AddrPortFrom(netip.AddrFrom4([4]byte(ip[16:20])), binary.BigEndian.Uint16(udp[2:])),
+			ttl:     ip[8],
+			tos:     ip[1],
+			payload: udp[8:min(len(udp), int(binary.BigEndian.Uint16(udp[4:])))],
+		})
+	}
 	return out
 }
 
@@ -343,7 +411,7 @@ func TestE2ECarrierCapture(t *testing.T) {
 			frames := capture(t, l.ns.b, "ve1", stop)
 			sent, got := transfer(t, l.ns.a, l.ns.b, e2eTunnelB, 2<<20, marker, 0)
 			close(stop)
-			captured := <-frames
+			captured := bytes.Join(<-frames, nil)
 			if sent != got {
 				t.Fatalf("transfer corrupted")
 			}
@@ -422,5 +490,75 @@ func TestE2EInterfaceRemoved(t *testing.T) {
 	}
 	if l.a.status != 1 || !strings.Contains(l.a.log.String(), "ciped: error: the interface cipcb0 is gone") {
 		t.Fatalf("exit status %d, log:\n%s", l.a.status, l.a.log.String())
+	}
+}
+
+// TestE2ECarrierTTLAndTOS: carrier packets copy the inner packet's TTL (cttl=0) or carry
+// cttl, and copy its DSCP bits.
+func TestE2ECarrierTTLAndTOS(t *testing.T) {
+	requireRoot(t)
+	l := &link{}
+	l.extraB = []string{"cttl=17"}
+	l.start(t, false)
+	l.waitUp(t)
+	stop := make(chan struct{})
+	frames := capture(t, l.ns.b, "ve1", stop)
+	out, err := exec.Command("ip", "netns", "exec", l.ns.a, "ping", "-n", "-c", "3", "-i", "0.2", "-t", "33", "-Q", "0xb8",
+		e2eTunnelB).CombinedOutput()
+	close(stop)
+	if err != nil {
+		t.Fatalf("ping: %v\n%s", err, out)
+	}
+	var fromA, fromB []udpPacket
+	for _, p := range udpPackets(<-frames) {
+		if len(p.payload) <= dataOverhead { // keepalives carry no inner packet
+			continue
+		}
+		if p.src.Addr() == l.ns.carrierA {
+			fromA = append(fromA, p)
+		} else {
+			fromB = append(fromB, p)
+		}
+	}
+	if len(fromA) < 3 || len(fromB) < 3 {
+		t.Fatalf("captured %d data packets from a and %d from b, want 3 each", len(fromA), len(fromB))
+	}
+	for _, p := range fromA {
+		if p.ttl != 33 || p.tos != 0xb8 {
+			t.Errorf("a (cttl=0) sent TTL %d TOS %#x for an inner packet with TTL 33 TOS 0xb8", p.ttl, p.tos)
+		}
+	}
+	for _, p := range fromB {
+		if p.ttl != 17 {
+			t.Errorf("b (cttl=17) sent TTL %d", p.ttl)
+		}
+	}
+}
+
+// TestShippedScripts runs the ip-up and ip-down of the repository as they are, as root,
+// in a private mount namespace whose /run and /var/log are empty tmpfs mounts: they log,
+// write and remove the PID file, and exit 0.
+func TestShippedScripts(t *testing.T) {
+	requireRoot(t)
+	if _, err := exec.LookPath("unshare"); err != nil {
+		t.Skip("needs unshare (util-linux); skipped")
+	}
+	script := `set -e
+mount -t tmpfs none /run; mount -t tmpfs none /var/log
+./ip-up cipcb9 198.18.0.1:6789 4242 10.99.0.1 10.99.0.2 site-b
+test "$(cat /run/cipcb9.pid)" = 4242
+./ip-down cipcb9 198.18.0.1:6789 4242 10.99.0.1 10.99.0.2 site-b
+test ! -e /run/cipcb9.pid
+cat /var/log/ciped.log`
+	cmd := exec.Command("unshare", "-m", "--propagation", "private", "sh", "-c", script)
+	cmd.Env = append(os.Environ(), "CIPED_PEER=198.18.0.2:6789", "CIPED_CIPHER=AES-256-GCM", "CIPED_REASON=shutting down")
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("shipped scripts: %v\n%s", err, out)
+	}
+	lines := strings.Split(strings.TrimSpace(string(out)), "\n")
+	if len(lines) != 2 || !strings.HasSuffix(lines[0], "UP cipcb9 198.18.0.1:6789 4242 10.99.0.1 10.99.0.2 site-b peer=198.18.0.2:6789 cipher=AES-256-GCM") ||
+		!strings.HasSuffix(lines[1], "DOWN cipcb9 198.18.0.1:6789 4242 10.99.0.1 10.99.0.2 site-b reason=shutting down") {
+		t.Fatalf("log written by the scripts:\n%s", out)
 	}
 }
