@@ -160,7 +160,13 @@ func terminationSignals(stderr io.Writer) <-chan struct{} {
 // and takes everything down again.
 func runTunnel(cfg *config, stderr io.Writer, stop <-chan struct{}) error {
 	log := newLogger(stderr, "ciped", cfg.debug)
-	dev, err := tun.CreateTUN(cfg.device, cfg.mtu)
+	var dev tun.Device
+	var err error
+	if cfg.tunOffload {
+		dev, err = tun.CreateTUN(cfg.device, cfg.mtu)
+	} else {
+		dev, err = openPlainTUN(cfg.device, cfg.mtu)
+	}
 	if err != nil {
 		if errors.Is(err, os.ErrPermission) {
 			return fmt.Errorf("create interface %q: %w (ciped needs root, or CAP_NET_ADMIN)", cfg.device, err)
@@ -173,6 +179,13 @@ func runTunnel(cfg *config, stderr io.Writer, stop <-chan struct{}) error {
 		return fmt.Errorf("interface name: %w", err)
 	}
 	log.setPrefix(name)
+	var port tunPort = &plainPort{dev: dev, mtu: cfg.mtu}
+	if cfg.tunOffload {
+		if port, err = newVnetPort(dev.File(), true); err != nil {
+			dev.Close()
+			return fmt.Errorf("interface %s: %w", name, err)
+		}
+	}
 	index, err := ifIndex(name)
 	if err == nil {
 		// Up first: an IPv6 peer route added to a down link is lost when it comes up.
@@ -185,10 +198,13 @@ func runTunnel(cfg *config, stderr io.Writer, stop <-chan struct{}) error {
 		dev.Close()
 		return fmt.Errorf("configure %s: %w", name, err)
 	}
-	conn, err := listenCarrier(cfg.me, carrierBatch)
+	conn, notes, err := listenCarrier(cfg.me, carrierOptions{batch: carrierBatch, gso: cfg.udpGSO, gro: cfg.udpGRO})
 	if err != nil {
 		dev.Close()
 		return fmt.Errorf("carrier socket on %s: %w", cfg.me, err)
+	}
+	for _, note := range notes {
+		log.Printf("%s", note)
 	}
 	if cfg.cttl > 0 {
 		if err := conn.setTTL(cfg.cttl); err != nil {
@@ -208,7 +224,7 @@ func runTunnel(cfg *config, stderr io.Writer, stop <-chan struct{}) error {
 	log.Printf("%s, mtu %d, tunnel %s peer %s, carrier %s to %s", versionString(), cfg.mtu, cfg.ipaddr, ptp,
 		conn.LocalAddr(), peer)
 
-	t := newTunnel(cfg, log, dev, conn, name, index)
+	t := newTunnel(cfg, log, dev, port, conn, name, index)
 	t.start()
 	var failure error
 	select {

@@ -183,6 +183,10 @@ type runOptions struct {
 	Arg     string         `name:"arg" placeholder:"STRING" help:"Extra argument for the scripts (their $$6)."`
 	Socks   string         `name:"socks" placeholder:"ADDR:PORT" help:"Reach the peer through this SOCKS5 server."`
 	Cipher  string         `name:"cipher" default:"auto" enum:"auto,aes-gcm,chacha20-poly1305" placeholder:"NAME" help:"Data cipher to offer: auto (AES-256-GCM only with AES hardware), aes-gcm, chacha20-poly1305."`
+
+	Tunoffload bool `name:"tunoffload" default:"true" help:"TUN offloads: the kernel hands over and takes back TCP/UDP super-packets (default yes)."`
+	Udpgso     bool `name:"udpgso" default:"true" help:"UDP GSO: send runs of datagrams with one system call (default yes)."`
+	Udpgro     bool `name:"udpgro" default:"true" help:"UDP GRO: receive runs of datagrams with one system call (default yes)."`
 }
 
 // config is a complete, checked set of options: what the tunnel runs with.
@@ -207,6 +211,8 @@ type config struct {
 	ipdown  string
 	arg     string
 	ciphers cipherSuite
+
+	tunOffload, udpGSO, udpGRO bool
 }
 
 // dynamicPeer reports whether the peer's carrier address is learned.
@@ -575,6 +581,7 @@ func (c *cli) config() (*config, error) {
 		device: r.Device, debug: r.Debug, tokxc: r.Tokxc.Duration, tokey: r.Tokey.Duration,
 		tokxts: r.Tokxts.Duration, ping: r.Ping.Duration, toping: r.Toping.Duration, maxerr: 8,
 		ipup: r.Ipup, ipdown: r.Ipdown, arg: r.Arg,
+		tunOffload: r.Tunoffload, udpGSO: r.Udpgso, udpGRO: r.Udpgro,
 	}
 	switch {
 	case r.Key.set && r.Nokey:

@@ -23,7 +23,12 @@ go test -race -count=1 ./...
 
 echo "== fuzzing, $fuzztime per target"
 for target in $(go test -list '^Fuzz' . | grep '^Fuzz'); do
-	go test -run '^$' -fuzz "^${target}\$" -fuzztime "$fuzztime" . 2>&1 | tail -1 | sed "s/^/$target: /"
+	if out=$(go test -run '^$' -fuzz "^${target}\$" -fuzztime "$fuzztime" -fuzzminimizetime 2s . 2>&1); then
+		echo "$target: $(echo "$out" | tail -1)"
+	else
+		echo "$out" >&2
+		exit 1
+	fi
 done
 
 echo "== all checks passed"

@@ -3,29 +3,36 @@ package main
 // The tunnel: one TUN device, one carrier socket, one peer.
 //
 // Outbound, RoutineReadFromTUN (one goroutine):
-//  1. tun.Read fills a batch of buffers at offset dataHeaderSize, so that each packet has
-//     room for the header in front; each buffer also has tagSize spare behind the MTU.
-//  2. One atomic load picks the current session and one atomic add reserves the
-//     batch's counters.
-//  3. Each packet is sealed in place (header written in front, tag behind: no copy).
-//  4. carrier.WriteBatch sends the batch with sendmmsg.
+//  1. tunPort.read reads what the interface has ready: with offloads, up to four frames of
+//     up to 64 KiB, each a TCP or UDP super-packet (or a plain packet) with its virtio
+//     header.
+//  2. One atomic load picks the current session; one atomic add per frame reserves its
+//     counters.
+//  3. The segmenter cuts each super-packet into inner packets in place, writing each
+//     piece's headers just in front of its payload, and leaves the inner checksums
+//     partial. Each inner packet is sealed from where it lies into the send arena (header,
+//     ciphertext, tag): the copy and the encryption are one pass. Datagrams of one size
+//     line up into GSO messages.
+//  4. carrier.WriteBatch sends the arena with one sendmmsg, a GSO message per run of
+//     datagrams: the kernel splits them late (or not at all across a veth).
 //
 // Inbound, RoutineReadFromCarrier (one goroutine):
-//  1. carrier.ReadBatch fills a batch of buffers with recvmmsg, each datagram at offset 0.
+//  1. carrier.ReadBatch fills a batch of buffers with recvmmsg; with UDP GRO each message
+//     holds many datagrams of one size.
 //  2. Per datagram: key-exchange messages are copied to the control loop; a data message
 //     finds its session among the three held (no other lookup), is opened in place, passes
-//     the replay window, and its inner packet (now at offset dataHeaderSize) joins the
-//     write batch.
-//  3. tun.Write writes the batch; the tun package uses the room in front of each packet
-//     for its virtio header.
+//     the replay window, and its inner packet joins the write batch, where it lies.
+//  3. tunPort.write coalesces consecutive TCP segments of one flow into super-packets and
+//     writes each with one writev: virtio header, first packet, the others' payloads.
 //
 // Control, RoutineControl (one goroutine): key exchanges, timers, the link state and the
 // scripts. It owns the keyExchange and the link state. Sessions are published through the
 // keyring's atomic pointers; the inbound loop changes the keyring only to confirm a
 // responder's new session, under the keyring's mutex, once per key exchange.
 //
-// Buffers: each loop allocates its batch once and owns it for its whole life. Nothing is
-// allocated, locked or sent over a channel per packet on either path.
+// Buffers: each loop allocates its buffers once and owns them for its whole life: the
+// outbound loop its frame buffers and send arena, the inbound loop its receive buffers.
+// Nothing is allocated, locked or sent over a channel per packet on either path.
 
 import (
 	"encoding/binary"
@@ -44,7 +51,9 @@ import (
 )
 
 const (
-	carrierBatch        = 128              // datagrams per recvmmsg / sendmmsg
+	carrierBatch        = 128              // datagrams per recvmmsg without GRO
+	groBatch            = 8                // messages (of up to 64 datagrams) per recvmmsg with GRO
+	outArenaSize        = 256 << 10        // bytes of sealed datagrams per sendmmsg
 	exchangeQueueSize   = 64               // key-exchange messages waiting for the control loop
 	eventQueueSize      = 64               // events from the data loops to the control loop
 	logInterval         = 10 * time.Second // at most one line per kind of bad packet
@@ -178,7 +187,8 @@ type tunnelEvent struct {
 type tunnel struct {
 	cfg     *config
 	log     *logger
-	tun     tun.Device
+	tun     tun.Device // owns the device: events, MTU, close
+	port    tunPort    // reads and writes it
 	conn    carrier
 	ifname  string
 	ifindex int // 0: do not configure the interface (in-process tests)
@@ -229,10 +239,10 @@ type linkState struct {
 	peerInfo      exchangePayload // what the peer told us in the last exchange
 }
 
-// newTunnel builds a tunnel over an open TUN device and carrier. ifindex 0 skips
-// interface configuration.
-func newTunnel(cfg *config, log *logger, dev tun.Device, conn carrier, ifname string, ifindex int) *tunnel {
-	t := &tunnel{cfg: cfg, log: log, tun: dev, conn: conn, ifname: ifname, ifindex: ifindex,
+// newTunnel builds a tunnel over an open TUN device (read and written through port) and
+// carrier. ifindex 0 skips interface configuration.
+func newTunnel(cfg *config, log *logger, dev tun.Device, port tunPort, conn carrier, ifname string, ifindex int) *tunnel {
+	t := &tunnel{cfg: cfg, log: log, tun: dev, port: port, conn: conn, ifname: ifname, ifindex: ifindex,
 		exchanges: make(chan exchangeMsg, exchangeQueueSize), events: make(chan tunnelEvent, eventQueueSize),
 		failed: make(chan error, 1),
 		stop:   make(chan struct{}), ctlDone: make(chan struct{}), rekeyAfter: rekeyAfterPackets, epoch: time.Now()}
@@ -342,20 +352,99 @@ func (t *tunnel) event(ev tunnelEvent) {
 }
 
 // ---------------------------------------------------------------------------------------
-// Outbound: TUN → seal → carrier.
+// Outbound: TUN → segment → seal → carrier.
+
+// outBatch assembles the carrier messages of one sendmmsg: datagrams back to back in an
+// arena, consecutive ones of one size (and TTL and TOS) grouped into GSO messages.
+type outBatch struct {
+	arena []byte
+	used  int
+	msgs  []carrierMsg
+	start int  // arena offset of the last message
+	open  bool // whether the last message may take more datagrams
+}
+
+func (o *outBatch) reset() {
+	o.used, o.msgs, o.open = 0, o.msgs[:0], false
+}
+
+// add reserves the next n bytes of the arena for one datagram and returns them, with the
+// capacity of the whole rest of the arena (for sealing by appending).
+func (o *outBatch) add(n int, ttl, tos uint8) []byte {
+	d := o.arena[o.used : o.used+n]
+	if k := len(o.msgs) - 1; k >= 0 && o.open {
+		m := &o.msgs[k]
+		if m.ttl == ttl && m.tos == tos && n <= m.segSize && len(m.buf)/m.segSize < maxGSOSegments &&
+			len(m.buf)+n <= maxGSOBytes {
+			m.buf = o.arena[o.start : o.used+n]
+			o.open = n == m.segSize // a shorter datagram ends the message
+			o.used += n
+			return d
+		}
+	}
+	o.start = o.used
+	o.msgs = append(o.msgs, carrierMsg{buf: o.arena[o.used : o.used+n], segSize: n, ttl: ttl, tos: tos})
+	o.open = true
+	o.used += n
+	return d
+}
+
+// outbound is the state of the outbound loop; as the segmenter's sink it seals each
+// inner packet into the batch.
+type outbound struct {
+	t       *tunnel
+	seg     segmenter
+	batch   outBatch
+	peer    netip.AddrPort
+	session *session // nil with nokey
+	counter uint64   // the next counter to use
+	nonce   [12]byte
+	packets uint64
+	bytes   uint64
+}
+
+// emit seals one inner packet into the batch: the header and the ciphertext go to the
+// arena, the plaintext is read where it lies. It implements packetSink.
+func (o *outbound) emit(pkt []byte, flags byte) {
+	ttl, tos := innerTTLAndTOS(pkt)
+	if o.t.cfg.cttl != 0 {
+		ttl = 0 // the socket's TTL is cttl
+	}
+	o.packets++
+	o.bytes += uint64(len(pkt))
+	size := len(pkt)
+	if o.session != nil {
+		size += dataOverhead
+	}
+	if len(o.batch.arena)-o.batch.used < size {
+		o.t.flush(o) // the arena is full: send it, then go on
+	}
+	if o.session == nil {
+		if flags&flagCsumPartial != 0 && !completeChecksum(pkt) {
+			return
+		}
+		copy(o.batch.add(len(pkt), ttl, tos), pkt)
+		return
+	}
+	d := o.batch.add(size, ttl, tos)
+	o.session.sealTo(d, pkt, flags, o.counter, &o.nonce)
+	o.counter++
+}
+
+// framePackets is the number of inner packets a frame makes.
+func framePackets(f *tunFrame) int {
+	if f.hdr.gsoType != virtioGSONone && f.hdr.gsoSize > 0 {
+		return max(1, (len(f.pkt)+int(f.hdr.gsoSize)-1)/int(f.hdr.gsoSize))
+	}
+	return 1
+}
 
 func (t *tunnel) routineReadFromTUN() {
-	batch := t.tun.BatchSize()
-	bufs := make([][]byte, batch)
-	sizes := make([]int, batch)
-	msgs := make([]carrierMsg, batch)
-	for i := range bufs {
-		bufs[i] = make([]byte, dataHeaderSize+t.cfg.mtu+tagSize)
-	}
-	var nonce [12]byte
+	fb := t.port.newFrameBatch()
+	out := &outbound{t: t, batch: outBatch{arena: make([]byte, outArenaSize)}}
 	for {
-		n, err := t.tun.Read(bufs, sizes, dataHeaderSize)
-		if err != nil && !errors.Is(err, tun.ErrTooManySegments) {
+		err := t.port.read(fb)
+		if err != nil {
 			if t.stopping() {
 				return
 			}
@@ -368,55 +457,64 @@ func (t *tunnel) routineReadFromTUN() {
 			time.Sleep(errorPause)
 			continue
 		}
-		if n == 0 {
-			continue
-		}
-		t.sendBatch(bufs[:n], sizes[:n], msgs[:n], &nonce)
+		t.sendFrames(fb.frames, out)
 	}
 }
 
-// sendBatch seals and sends packets read from the TUN; bufs[i] holds one of sizes[i]
-// bytes at offset dataHeaderSize.
-func (t *tunnel) sendBatch(bufs [][]byte, sizes []int, msgs []carrierMsg, nonce *[12]byte) {
-	n := len(bufs)
+// sendFrames cuts, seals and sends the frames of one read.
+func (t *tunnel) sendFrames(frames []tunFrame, out *outbound) {
 	peer := t.peer.Load()
-	if peer == nil {
-		t.stats.dropNoSession.Add(uint64(n))
+	now := time.Now()
+	out.session, out.packets, out.bytes = nil, 0, 0
+	if t.kx != nil {
+		out.session = t.keys.current.Load()
+		if !t.usable(out.session, now) {
+			out.session = nil
+		}
+	}
+	if peer == nil || (t.kx != nil && out.session == nil) {
+		for i := range frames {
+			t.stats.dropNoSession.Add(uint64(framePackets(&frames[i])))
+		}
 		return
 	}
-	var s *session
-	var first uint64
-	now := time.Now()
-	if t.kx != nil {
-		s = t.keys.current.Load()
-		ok := t.usable(s, now)
-		if ok {
-			first, ok = s.reserveCounters(n)
+	out.peer = *peer
+	out.batch.reset()
+	for i := range frames {
+		f := &frames[i]
+		n := framePackets(f)
+		if out.session != nil {
+			first, ok := out.session.reserveCounters(n)
+			if !ok {
+				t.stats.dropNoSession.Add(uint64(n))
+				continue
+			}
+			out.counter = first
 		}
-		if !ok {
-			t.stats.dropNoSession.Add(uint64(n))
-			return
-		}
-	}
-	bytes := 0
-	for i, buf := range bufs {
-		inner := buf[dataHeaderSize : dataHeaderSize+sizes[i]]
-		bytes += len(inner)
-		ttl, tos := innerTTLAndTOS(inner)
-		if t.cfg.cttl != 0 {
-			ttl = 0 // the socket's TTL is cttl
-		}
-		msgs[i] = carrierMsg{buf: inner, ttl: ttl, tos: tos}
-		if s != nil {
-			msgs[i].buf = s.seal(buf, sizes[i], 0, first+uint64(i), nonce)
+		if err := out.seg.split(&f.hdr, f.pkt, out); err != nil {
+			t.stats.tunErrors.Add(1)
+			t.log.limitedf(&t.limits.tun, "dropped a frame from the interface: %v", err)
 		}
 	}
-	if err := t.conn.WriteBatch(msgs, *peer); err != nil {
+	t.flush(out)
+	t.lastSent.Store(t.since(now))
+	t.stats.txPackets.Add(out.packets)
+	t.stats.txBytes.Add(out.bytes)
+}
+
+// flush sends what the batch holds and empties it.
+func (t *tunnel) flush(out *outbound) {
+	if len(out.batch.msgs) == 0 {
+		return
+	}
+	if err := t.conn.WriteBatch(out.batch.msgs, out.peer); err != nil {
+		var gf *gsoFallbackError
+		if errors.As(err, &gf) {
+			t.log.Printf("%v", gf)
+		}
 		t.noteCarrierError(err)
 	}
-	t.lastSent.Store(t.since(now))
-	t.stats.txPackets.Add(uint64(n))
-	t.stats.txBytes.Add(uint64(bytes))
+	out.batch.reset()
 }
 
 // innerTTLAndTOS reads the TTL (hop limit) and the DSCP bits of an inner packet, which the
@@ -436,12 +534,17 @@ func innerTTLAndTOS(p []byte) (ttl, tos uint8) {
 // Inbound: carrier → open → replay check → TUN.
 
 func (t *tunnel) routineReadFromCarrier() {
-	msgs := make([]carrierMsg, carrierBatch)
-	for i := range msgs {
-		msgs[i].buf = make([]byte, dataOverhead+t.cfg.mtu)
+	size := t.conn.receiveBufferSize(dataOverhead + t.cfg.mtu)
+	batch := carrierBatch
+	if size > dataOverhead+t.cfg.mtu {
+		batch = groBatch // each message may hold up to 64 datagrams
 	}
-	writes := make([][]byte, 0, carrierBatch)
-	var nonce [12]byte
+	msgs := make([]carrierMsg, batch)
+	for i := range msgs {
+		msgs[i].buf = make([]byte, size)
+	}
+	pkts := make([]innerPacket, 0, batch*maxGSOSegments)
+	in := &inbound{t: t}
 	for {
 		n, err := t.conn.ReadBatch(msgs)
 		if err != nil {
@@ -458,15 +561,15 @@ func (t *tunnel) routineReadFromCarrier() {
 			time.Sleep(errorPause)
 			continue
 		}
-		if t.kx == nil {
-			writes = t.receivePlain(msgs[:n], writes[:0])
-		} else {
-			writes = t.receiveBatch(msgs[:n], writes[:0], &nonce)
-		}
-		if len(writes) == 0 {
+		pkts = in.receive(msgs[:n], pkts[:0])
+		if len(pkts) == 0 {
 			continue
 		}
-		if _, err := t.tun.Write(writes, dataHeaderSize); err != nil {
+		if err := t.port.write(pkts); err != nil {
+			var cf *errCoalesceFallback
+			if errors.As(err, &cf) {
+				t.log.Printf("%v", cf)
+			}
 			if t.stopping() {
 				return
 			}
@@ -476,133 +579,158 @@ func (t *tunnel) routineReadFromCarrier() {
 	}
 }
 
-// receiveBatch handles one batch of datagrams and appends the inner packets to write to
-// writes, each as a buffer with the packet at offset dataHeaderSize.
-func (t *tunnel) receiveBatch(msgs []carrierMsg, writes [][]byte, nonce *[12]byte) [][]byte {
-	now := time.Now()
-	held := [3]*session{t.keys.current.Load(), t.keys.previous.Load(), t.keys.next.Load()}
-	for i, s := range held {
-		if !t.usable(s, now) {
-			held[i] = nil
-		}
-	}
-	peer := t.peer.Load()
-	var packets, bytes, auth, replays, unknown, malformed uint64
-	authentic := false
-	for i := range msgs {
-		m := &msgs[i]
-		msg := m.buf[:m.n]
-		if len(msg) < 2 || msg[offsetVersion] != protocolVersion {
-			malformed++
-			t.logMalformed(msg, m.from)
-			continue
-		}
-		switch msg[offsetType] {
-		case messageInitiation, messageResponse:
-			t.queueExchange(msg, m.from)
-			continue
-		case messageData:
-		default:
-			malformed++
-			continue
-		}
-		h, err := parseDataHeader(msg)
-		if err != nil {
-			malformed++
-			continue
-		}
-		var s *session
-		for _, c := range held {
-			if c != nil && c.localIndex == h.receiver {
-				s = c
-				break
-			}
-		}
-		if s == nil {
-			unknown++
-			continue
-		}
-		inner, err := s.open(msg, h, nonce)
-		if err != nil {
-			auth++
-			continue
-		}
-		newest := !s.received || h.counter > s.recvMax
-		if !s.acceptCounter(h.counter) {
-			replays++
-			continue
-		}
-		authentic = true
-		if newest {
-			s.recvMax, s.received = h.counter, true
-		}
-		if s == held[2] && t.keys.confirm(s) {
-			t.event(tunnelEvent{kind: eventConfirmed, session: s, from: m.from})
-		}
-		if newest && (peer == nil || *peer != m.from) {
-			t.event(tunnelEvent{kind: eventPeerMoved, session: s, from: m.from})
-		}
-		if len(inner) == 0 {
-			switch {
-			case h.flags&flagGoodbye != 0:
-				t.event(tunnelEvent{kind: eventGoodbye, session: s, from: m.from})
-			case h.flags&flagPing != 0:
-				t.event(tunnelEvent{kind: eventPingRequest, session: s})
-			}
-			continue
-		}
-		if !innerPacketOK(inner) {
-			malformed++
-			continue
-		}
-		packets++
-		bytes += uint64(len(inner))
-		writes = append(writes, m.buf[:dataHeaderSize+len(inner)])
-	}
-	if authentic {
-		t.lastReceived.Store(t.since(now))
-	}
-	t.stats.rxPackets.Add(packets)
-	t.stats.rxBytes.Add(bytes)
-	t.stats.dropAuth.Add(auth)
-	t.stats.dropReplay.Add(replays)
-	t.stats.dropUnknown.Add(unknown)
-	t.stats.dropMalformed.Add(malformed)
-	if auth > 0 {
-		t.log.limitedf(&t.limits.auth, "dropped %d data messages that failed authentication", auth)
-	}
-	return writes
+// inbound is the state of the inbound loop for one batch.
+type inbound struct {
+	t     *tunnel
+	nonce [12]byte
+	held  [3]*session // current, previous, unconfirmed: the sessions a message may name
+	peer  *netip.AddrPort
+	now   time.Time
+
+	packets, bytes, auth, replays, unknown, malformed uint64
+	authentic                                         bool
 }
 
-// receivePlain handles a batch in nokey mode: every datagram is an inner packet.
-func (t *tunnel) receivePlain(msgs []carrierMsg, writes [][]byte) [][]byte {
-	peer := t.peer.Load()
-	var packets, bytes, malformed uint64
+// receive handles one batch of carrier messages and appends the inner packets to write
+// to the interface to pkts.
+func (in *inbound) receive(msgs []carrierMsg, pkts []innerPacket) []innerPacket {
+	t := in.t
+	in.now = time.Now()
+	in.held = [3]*session{t.keys.current.Load(), t.keys.previous.Load(), t.keys.next.Load()}
+	for i, s := range in.held {
+		if !t.usable(s, in.now) {
+			in.held[i] = nil
+		}
+	}
+	in.peer = t.peer.Load()
+	in.packets, in.bytes, in.auth, in.replays, in.unknown, in.malformed, in.authentic = 0, 0, 0, 0, 0, 0, false
 	for i := range msgs {
 		m := &msgs[i]
-		// The datagram was received at offset 0; move it behind the header room.
-		inner := m.buf[:m.n]
-		if !innerPacketOK(inner) || m.n+dataHeaderSize > len(m.buf) {
-			malformed++
-			continue
+		b := m.buf[:m.n]
+		step := len(b)
+		if m.segSize > 0 {
+			step = m.segSize
 		}
-		if peer == nil {
-			t.event(tunnelEvent{kind: eventPeerMoved, from: m.from})
-			p := m.from
-			peer = &p
-		} else if *peer != m.from {
-			malformed++ // nokey learns its peer once and never moves
-			continue
+		for len(b) > 0 {
+			d := b[:min(step, len(b))]
+			b = b[len(d):]
+			if t.kx == nil {
+				pkts = in.plain(d, m.from, pkts)
+			} else {
+				pkts = in.datagram(d, m.from, pkts)
+			}
 		}
-		copy(m.buf[dataHeaderSize:], inner)
-		packets++
-		bytes += uint64(m.n)
-		writes = append(writes, m.buf[:dataHeaderSize+m.n])
 	}
-	t.stats.rxPackets.Add(packets)
-	t.stats.rxBytes.Add(bytes)
-	t.stats.dropMalformed.Add(malformed)
-	return writes
+	if in.authentic {
+		t.lastReceived.Store(t.since(in.now))
+	}
+	t.stats.rxPackets.Add(in.packets)
+	t.stats.rxBytes.Add(in.bytes)
+	t.stats.dropAuth.Add(in.auth)
+	t.stats.dropReplay.Add(in.replays)
+	t.stats.dropUnknown.Add(in.unknown)
+	t.stats.dropMalformed.Add(in.malformed)
+	if in.auth > 0 {
+		t.log.limitedf(&t.limits.auth, "dropped %d data messages that failed authentication", in.auth)
+	}
+	return pkts
+}
+
+// datagram handles one datagram of a keyed link (PROTOCOL.md §4.1).
+func (in *inbound) datagram(msg []byte, from netip.AddrPort, pkts []innerPacket) []innerPacket {
+	t := in.t
+	if len(msg) < 2 || msg[offsetVersion] != protocolVersion {
+		in.malformed++
+		t.logMalformed(msg, from)
+		return pkts
+	}
+	switch msg[offsetType] {
+	case messageInitiation, messageResponse:
+		t.queueExchange(msg, from)
+		return pkts
+	case messageData:
+	default:
+		in.malformed++
+		return pkts
+	}
+	h, err := parseDataHeader(msg)
+	if err != nil {
+		in.malformed++
+		return pkts
+	}
+	var s *session
+	for _, c := range in.held {
+		if c != nil && c.localIndex == h.receiver {
+			s = c
+			break
+		}
+	}
+	if s == nil {
+		in.unknown++
+		return pkts
+	}
+	inner, err := s.open(msg, h, &in.nonce)
+	if err != nil {
+		in.auth++
+		return pkts
+	}
+	newest := !s.received || h.counter > s.recvMax
+	if !s.acceptCounter(h.counter) {
+		in.replays++
+		return pkts
+	}
+	in.authentic = true
+	if newest {
+		s.recvMax, s.received = h.counter, true
+	}
+	if s == in.held[2] && t.keys.confirm(s) {
+		t.event(tunnelEvent{kind: eventConfirmed, session: s, from: from})
+	}
+	if newest && (in.peer == nil || *in.peer != from) {
+		t.event(tunnelEvent{kind: eventPeerMoved, session: s, from: from})
+	}
+	if len(inner) == 0 {
+		switch {
+		case h.flags&flagGoodbye != 0:
+			t.event(tunnelEvent{kind: eventGoodbye, session: s, from: from})
+		case h.flags&flagPing != 0:
+			t.event(tunnelEvent{kind: eventPingRequest, session: s})
+		}
+		return pkts
+	}
+	partial := h.flags&flagCsumPartial != 0
+	if !innerPacketOK(inner) {
+		in.malformed++
+		return pkts
+	}
+	if partial {
+		if _, _, _, ok := l4Info(inner); !ok {
+			in.malformed++
+			return pkts
+		}
+	}
+	in.packets++
+	in.bytes += uint64(len(inner))
+	return append(pkts, innerPacket{pkt: inner, partial: partial})
+}
+
+// plain handles one datagram of a nokey link: it is the inner packet.
+func (in *inbound) plain(d []byte, from netip.AddrPort, pkts []innerPacket) []innerPacket {
+	if !innerPacketOK(d) {
+		in.malformed++
+		return pkts
+	}
+	if in.peer == nil {
+		in.t.event(tunnelEvent{kind: eventPeerMoved, from: from})
+		p := from
+		in.peer = &p
+	} else if *in.peer != from {
+		in.malformed++ // nokey learns its peer once and never moves
+		return pkts
+	}
+	in.packets++
+	in.bytes += uint64(len(d))
+	return append(pkts, innerPacket{pkt: d})
 }
 
 // innerPacketOK checks that an inner packet is an IPv4 or IPv6 packet of exactly its own

@@ -75,7 +75,7 @@ func newTestPair(tb testing.TB, adjust func(a, b *config), wrapA ...func(carrier
 	ends := []*testEnd{{cfg: ca}, {cfg: cb}}
 	conns := make([]*udpCarrier, 2)
 	for i, e := range ends {
-		c, err := listenCarrier(e.cfg.me, carrierBatch)
+		c, _, err := listenCarrier(e.cfg.me, carrierOptions{batch: carrierBatch, gso: true, gro: true})
 		if err != nil {
 			tb.Fatal(err)
 		}
@@ -96,7 +96,8 @@ func newTestPair(tb testing.TB, adjust func(a, b *config), wrapA ...func(carrier
 		if i == 0 && len(wrapA) > 0 {
 			conn = wrapA[0](conn)
 		}
-		e.t = newTunnel(e.cfg, newLogger(w, "tun"+name, true), e.tun.TUN(), conn, "tun"+name, 0)
+		dev := e.tun.TUN()
+		e.t = newTunnel(e.cfg, newLogger(w, "tun"+name, true), dev, &plainPort{dev: dev, mtu: e.cfg.mtu}, conn, "tun"+name, 0)
 	}
 	for _, e := range ends {
 		e.t.start()

@@ -1,7 +1,9 @@
 package main
 
 // The carrier: one UDP socket, read and written in batches with recvmmsg(2) and
-// sendmmsg(2) through the Go netpoller, without allocating per packet.
+// sendmmsg(2) through the Go netpoller, without allocating per packet. With UDP GSO a
+// message of the batch carries many datagrams of one size, which the kernel splits (or
+// hands to the NIC) late; with UDP GRO one received message holds many datagrams.
 
 import (
 	"encoding/binary"
@@ -11,6 +13,7 @@ import (
 	"net/netip"
 	"os"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"unsafe"
 
@@ -19,16 +22,36 @@ import (
 
 const (
 	carrierSocketBuffer = 4 << 20 // bytes of kernel socket buffer in each direction
-	cmsgRoom            = 64      // control bytes per message: TTL and TOS with headers
+	cmsgRoom            = 64      // control bytes per message: TTL, TOS and segment size
+	maxGSOSegments      = 64      // datagrams per GSO message (the kernel takes up to 64 or 128)
+	maxGSOBytes         = 65000   // bytes per GSO message (under the 64 KiB of one IP packet)
+	groBufferSize       = 65536   // receive buffer per message when GRO is on
+	writeSlots          = 1024    // mmsghdrs for one sendmmsg (GSO messages split when GSO is off)
 )
 
-// carrierMsg is one datagram of a batch.
+// carrierMsg is one message of a batch: a datagram, or with segSize > 0 a run of
+// datagrams of segSize bytes each (the last may be shorter) sent or received as one.
 type carrierMsg struct {
-	buf  []byte         // receive: room for the datagram; send: the datagram
-	n    int            // receive: size of the datagram
-	from netip.AddrPort // receive: where it came from
-	ttl  uint8          // send: TTL / hop limit of the carrier packet; 0: the socket's
-	tos  uint8          // send: TOS / traffic class of the carrier packet
+	buf     []byte         // receive: room for the message; send: the datagrams
+	n       int            // receive: size of the message
+	segSize int            // size of each datagram in buf; 0: buf is one datagram
+	from    netip.AddrPort // receive: where it came from
+	ttl     uint8          // send: TTL / hop limit of the carrier packets; 0: the socket's
+	tos     uint8          // send: TOS / traffic class of the carrier packets
+}
+
+// datagrams calls fn for each datagram of a received message.
+func (m *carrierMsg) datagrams(fn func(d []byte)) {
+	b := m.buf[:m.n]
+	if m.segSize <= 0 {
+		fn(b)
+		return
+	}
+	for len(b) > 0 {
+		n := min(m.segSize, len(b))
+		fn(b[:n:n])
+		b = b[n:]
+	}
 }
 
 // carrier is the packet socket the tunnel talks through. ReadBatch is called by one
@@ -40,6 +63,9 @@ type carrier interface {
 	// WriteBatch sends every message to the address. After trying all of them it returns
 	// the errors joined; ICMP errors reported on the way come as an *unreachableError.
 	WriteBatch(msgs []carrierMsg, to netip.AddrPort) error
+	// receiveBufferSize is the size ReadBatch's buffers need for datagrams of up to
+	// datagram bytes (more with GRO).
+	receiveBufferSize(datagram int) int
 	LocalAddr() netip.AddrPort
 	Close() error
 }
@@ -53,6 +79,14 @@ type unreachableError struct {
 
 func (e *unreachableError) Error() string {
 	return fmt.Sprintf("%d datagrams refused on the way to the peer (last: %v)", e.count, e.err)
+}
+
+// gsoFallbackError reports that the kernel refused a GSO send: GSO is off from now on and
+// the datagrams went out one by one.
+type gsoFallbackError struct{ err error }
+
+func (e *gsoFallbackError) Error() string {
+	return fmt.Sprintf("UDP GSO send failed (%v): sending datagrams one by one from now on", e.err)
 }
 
 // icmpErrno reports whether a socket error is the report of an ICMP error.
@@ -78,47 +112,73 @@ type udpCarrier struct {
 	raw   syscall.RawConn
 	ipv6  bool
 	local netip.AddrPort
+	gso   atomic.Bool // send GSO messages as such (else one datagram each)
+	gro   bool        // the socket coalesces received datagrams
 
-	// Receive scratch, owned by the one goroutine in ReadBatch.
+	// Receive scratch, owned by the one goroutine in ReadBatch. The callback given to the
+	// netpoller is bound once, with its arguments and results in fields, so that a call
+	// allocates nothing.
 	rhdrs  []mmsghdr
 	riovs  []unix.Iovec
 	rnames []unix.RawSockaddrInet6
+	rcmsgs []byte
+	rcall  func(fd uintptr) bool
+	rn     int
+	rgot   int
+	rerrno syscall.Errno
 
 	// Send scratch, guarded by wmu (held once per batch, not per packet).
 	wmu    sync.Mutex
 	whdrs  []mmsghdr
 	wiovs  []unix.Iovec
 	wcmsgs []byte
+	wmsg   []int // which message each mmsghdr sends
 	wname  unix.RawSockaddrInet6
+	wcall  func(fd uintptr) bool
+	wn     int
+	wdone  int
+	werrno syscall.Errno
 }
 
-// listenCarrier binds a UDP socket to the local address with large socket buffers.
-func listenCarrier(local netip.AddrPort, batch int) (*udpCarrier, error) {
+// carrierOptions are the offload switches of the socket.
+type carrierOptions struct {
+	batch int  // messages per recvmmsg
+	gso   bool // try UDP GSO
+	gro   bool // try UDP GRO
+}
+
+// listenCarrier binds a UDP socket to the local address with large socket buffers and
+// the offloads asked for, as far as the kernel has them; notes says what it could not.
+func listenCarrier(local netip.AddrPort, opts carrierOptions) (c *udpCarrier, notes []string, err error) {
 	network := "udp4"
 	if local.Addr().Is6() {
 		network = "udp6"
 	}
 	conn, err := net.ListenUDP(network, net.UDPAddrFromAddrPort(local))
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
-	c, err := newUDPCarrier(conn, batch)
+	c, notes, err = newUDPCarrier(conn, opts)
 	if err != nil {
 		conn.Close()
-		return nil, err
+		return nil, nil, err
 	}
-	return c, nil
+	return c, notes, nil
 }
 
-func newUDPCarrier(conn *net.UDPConn, batch int) (*udpCarrier, error) {
+func newUDPCarrier(conn *net.UDPConn, opts carrierOptions) (*udpCarrier, []string, error) {
 	raw, err := conn.SyscallConn()
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	local := conn.LocalAddr().(*net.UDPAddr).AddrPort()
 	c := &udpCarrier{conn: conn, raw: raw, ipv6: local.Addr().Is6() && !local.Addr().Is4In6(), local: local,
-		rhdrs: make([]mmsghdr, batch), riovs: make([]unix.Iovec, batch), rnames: make([]unix.RawSockaddrInet6, batch),
-		whdrs: make([]mmsghdr, batch), wiovs: make([]unix.Iovec, batch), wcmsgs: make([]byte, batch*cmsgRoom)}
+		rhdrs: make([]mmsghdr, opts.batch), riovs: make([]unix.Iovec, opts.batch),
+		rnames: make([]unix.RawSockaddrInet6, opts.batch), rcmsgs: make([]byte, opts.batch*cmsgRoom),
+		whdrs: make([]mmsghdr, writeSlots), wiovs: make([]unix.Iovec, writeSlots),
+		wcmsgs: make([]byte, writeSlots*cmsgRoom), wmsg: make([]int, writeSlots)}
+	c.rcall, c.wcall = c.recvmmsgCall, c.sendmmsgCall
+	var notes []string
 	var sockErr error
 	err = raw.Control(func(fd uintptr) {
 		for _, opt := range []struct{ force, plain int }{{unix.SO_RCVBUFFORCE, unix.SO_RCVBUF}, {unix.SO_SNDBUFFORCE, unix.SO_SNDBUF}} {
@@ -133,11 +193,35 @@ func newUDPCarrier(conn *net.UDPConn, batch int) (*udpCarrier, error) {
 		} else {
 			sockErr = unix.SetsockoptInt(int(fd), unix.IPPROTO_IP, unix.IP_RECVERR, 1)
 		}
+		if opts.gro {
+			if err := unix.SetsockoptInt(int(fd), unix.IPPROTO_UDP, unix.UDP_GRO, 1); err != nil {
+				notes = append(notes, fmt.Sprintf("UDP GRO is not available (%v): receiving datagrams one by one", err))
+			} else {
+				c.gro = true
+			}
+		}
+		if opts.gso {
+			// Probing UDP_SEGMENT as a socket option tells whether the kernel has GSO.
+			if _, err := unix.GetsockoptInt(int(fd), unix.IPPROTO_UDP, unix.UDP_SEGMENT); err != nil {
+				notes = append(notes, fmt.Sprintf("UDP GSO is not available (%v): sending datagrams one by one", err))
+			} else {
+				c.gso.Store(true)
+			}
+		}
 	})
 	if err == nil {
 		err = sockErr
 	}
-	return c, err
+	return c, notes, err
+}
+
+// receiveBufferSize is the size each receive buffer must have for messages of up to
+// datagram bytes.
+func (c *udpCarrier) receiveBufferSize(datagram int) int {
+	if c.gro {
+		return groBufferSize
+	}
+	return datagram
 }
 
 func (c *udpCarrier) LocalAddr() netip.AddrPort { return c.local }
@@ -165,21 +249,17 @@ func (c *udpCarrier) ReadBatch(msgs []carrierMsg) (int, error) {
 		c.rhdrs[i] = mmsghdr{hdr: unix.Msghdr{
 			Name: (*byte)(unsafe.Pointer(&c.rnames[i])), Namelen: unix.SizeofSockaddrInet6,
 			Iov: &c.riovs[i], Iovlen: 1}}
-	}
-	var got int
-	var errno syscall.Errno
-	err := c.raw.Read(func(fd uintptr) bool {
-		r, _, e := unix.Syscall6(unix.SYS_RECVMMSG, fd, uintptr(unsafe.Pointer(&c.rhdrs[0])), uintptr(n),
-			unix.MSG_DONTWAIT, 0, 0)
-		if e == unix.EAGAIN || e == unix.EINTR {
-			return false
+		if c.gro {
+			c.rhdrs[i].hdr.Control = &c.rcmsgs[i*cmsgRoom]
+			c.rhdrs[i].hdr.SetControllen(cmsgRoom)
 		}
-		got, errno = int(r), e
-		return true
-	})
+	}
+	c.rn = n
+	err := c.raw.Read(c.rcall)
 	if err != nil {
 		return 0, err
 	}
+	got, errno := c.rgot, c.rerrno
 	if icmpErrno(errno) {
 		return 0, c.drainErrors(errno)
 	}
@@ -187,10 +267,46 @@ func (c *udpCarrier) ReadBatch(msgs []carrierMsg) (int, error) {
 		return 0, os.NewSyscallError("recvmmsg", errno)
 	}
 	for i := 0; i < got; i++ {
-		msgs[i].n = int(c.rhdrs[i].len)
-		msgs[i].from = sockaddrToAddrPort(&c.rnames[i])
+		m := &msgs[i]
+		m.n = int(c.rhdrs[i].len)
+		m.from = sockaddrToAddrPort(&c.rnames[i])
+		m.segSize = 0
+		if c.gro {
+			m.segSize = groSegmentSize(c.rcmsgs[i*cmsgRoom : i*cmsgRoom+int(c.rhdrs[i].hdr.Controllen)])
+		}
 	}
 	return got, nil
+}
+
+// recvmmsgCall is ReadBatch's netpoller callback: one recvmmsg of c.rn messages.
+func (c *udpCarrier) recvmmsgCall(fd uintptr) bool {
+	r, _, e := unix.Syscall6(unix.SYS_RECVMMSG, fd, uintptr(unsafe.Pointer(&c.rhdrs[0])), uintptr(c.rn),
+		unix.MSG_DONTWAIT, 0, 0)
+	if e == unix.EAGAIN || e == unix.EINTR {
+		return false
+	}
+	c.rgot, c.rerrno = int(r), e
+	return true
+}
+
+// groSegmentSize finds the UDP_GRO control message of a received message: the size of
+// the datagrams it holds. 0 means one datagram.
+func groSegmentSize(oob []byte) int {
+	for len(oob) >= unix.SizeofCmsghdr {
+		h := (*unix.Cmsghdr)(unsafe.Pointer(&oob[0]))
+		if h.Len < unix.SizeofCmsghdr || int(h.Len) > len(oob) {
+			return 0
+		}
+		if h.Level == unix.IPPROTO_UDP && h.Type == unix.UDP_GRO && int(h.Len) >= unix.CmsgLen(2) {
+			data := oob[unix.CmsgLen(0):]
+			if int(h.Len) >= unix.CmsgLen(4) {
+				return int(binary.NativeEndian.Uint32(data))
+			}
+			return int(binary.NativeEndian.Uint16(data))
+		}
+		oob = oob[min(len(oob), unix.CmsgSpace(int(h.Len)-unix.CmsgLen(0))):]
+	}
+	return 0
 }
 
 // sockaddrToAddrPort decodes a sockaddr_in or sockaddr_in6 written by the kernel.
@@ -227,28 +343,76 @@ func (c *udpCarrier) putSockaddr(sa *unix.RawSockaddrInet6, to netip.AddrPort) (
 	return unix.SizeofSockaddrInet6, nil
 }
 
-// putCmsgs writes the TTL and TOS control messages of one datagram and returns how many
-// bytes they take.
-func (c *udpCarrier) putCmsgs(b []byte, ttl, tos uint8) int {
+// putCmsgs writes the control messages of one sendmsg (TTL, TOS, GSO segment size) and
+// returns how many bytes they take.
+func (c *udpCarrier) putCmsgs(b []byte, ttl, tos uint8, segSize int) int {
 	level, ttlType, tosType := unix.IPPROTO_IP, unix.IP_TTL, unix.IP_TOS
 	if c.ipv6 {
 		level, ttlType, tosType = unix.IPPROTO_IPV6, unix.IPV6_HOPLIMIT, unix.IPV6_TCLASS
 	}
 	off := 0
-	put := func(typ int, v uint8) {
+	put := func(level, typ, size int, v uint32) {
 		h := (*unix.Cmsghdr)(unsafe.Pointer(&b[off]))
 		h.Level, h.Type = int32(level), int32(typ)
-		h.SetLen(unix.CmsgLen(4))
-		binary.NativeEndian.PutUint32(b[off+unix.CmsgLen(0):], uint32(v))
-		off += unix.CmsgSpace(4)
+		h.SetLen(unix.CmsgLen(size))
+		data := b[off+unix.CmsgLen(0):]
+		if size == 2 {
+			binary.NativeEndian.PutUint16(data, uint16(v))
+		} else {
+			binary.NativeEndian.PutUint32(data, v)
+		}
+		off += unix.CmsgSpace(size)
 	}
 	if ttl != 0 {
-		put(ttlType, ttl)
+		put(level, ttlType, 4, uint32(ttl))
 	}
 	if tos != 0 {
-		put(tosType, tos)
+		put(level, tosType, 4, uint32(tos))
+	}
+	if segSize > 0 {
+		put(unix.IPPROTO_UDP, unix.UDP_SEGMENT, 2, uint32(segSize))
 	}
 	return off
+}
+
+// fill prepares mmsghdrs for msgs[from:], as many as fit: a GSO message as one mmsghdr
+// while GSO is on, else one per datagram. It returns how many mmsghdrs it filled and
+// how many messages they cover completely.
+func (c *udpCarrier) fill(msgs []carrierMsg, from int, namelen uint32) (hdrs, done int) {
+	gso := c.gso.Load()
+	for i := from; i < len(msgs); i++ {
+		m := &msgs[i]
+		pieces := 1
+		if m.segSize > 0 && len(m.buf) > m.segSize && !gso {
+			pieces = (len(m.buf) + m.segSize - 1) / m.segSize
+		}
+		if hdrs+pieces > len(c.whdrs) {
+			break
+		}
+		for p := 0; p < pieces; p++ {
+			b, segSize := m.buf, 0
+			switch {
+			case pieces > 1:
+				b = m.buf[p*m.segSize : min(len(m.buf), (p+1)*m.segSize)]
+			case m.segSize > 0 && len(m.buf) > m.segSize:
+				segSize = m.segSize
+			}
+			k := hdrs + p
+			c.wiovs[k] = unix.Iovec{Base: &b[0]}
+			c.wiovs[k].SetLen(len(b))
+			c.whdrs[k] = mmsghdr{hdr: unix.Msghdr{
+				Name: (*byte)(unsafe.Pointer(&c.wname)), Namelen: namelen, Iov: &c.wiovs[k], Iovlen: 1}}
+			if m.ttl != 0 || m.tos != 0 || segSize != 0 {
+				cm := c.wcmsgs[k*cmsgRoom : (k+1)*cmsgRoom]
+				c.whdrs[k].hdr.Control = &cm[0]
+				c.whdrs[k].hdr.SetControllen(c.putCmsgs(cm, m.ttl, m.tos, segSize))
+			}
+			c.wmsg[k] = i
+		}
+		hdrs += pieces
+		done++
+	}
+	return hdrs, done
 }
 
 func (c *udpCarrier) WriteBatch(msgs []carrierMsg, to netip.AddrPort) error {
@@ -258,78 +422,84 @@ func (c *udpCarrier) WriteBatch(msgs []carrierMsg, to netip.AddrPort) error {
 	if err != nil {
 		return err
 	}
-	var firstErr error
-	for len(msgs) > 0 {
-		n := min(len(msgs), len(c.whdrs))
-		for i := 0; i < n; i++ {
-			m := &msgs[i]
-			c.wiovs[i] = unix.Iovec{Base: &m.buf[0]}
-			c.wiovs[i].SetLen(len(m.buf))
-			c.whdrs[i] = mmsghdr{hdr: unix.Msghdr{
-				Name: (*byte)(unsafe.Pointer(&c.wname)), Namelen: namelen, Iov: &c.wiovs[i], Iovlen: 1}}
-			if m.ttl != 0 || m.tos != 0 {
-				cm := c.wcmsgs[i*cmsgRoom : (i+1)*cmsgRoom]
-				c.whdrs[i].hdr.Control = &cm[0]
-				c.whdrs[i].hdr.SetControllen(c.putCmsgs(cm, m.ttl, m.tos))
-			}
+	var errs error
+	for next := 0; next < len(msgs); {
+		hdrs, done := c.fill(msgs, next, namelen)
+		if hdrs == 0 {
+			return errors.Join(errs, fmt.Errorf("a message of %d bytes does not fit a batch", len(msgs[next].buf)))
 		}
-		sent, err := c.sendmmsg(n)
-		if err != nil {
-			// Skip the datagram the kernel refused and go on with the rest.
-			var errno syscall.Errno
-			if errors.As(err, &errno) && icmpErrno(errno) {
-				err = c.drainErrors(errno)
-			}
-			firstErr = errors.Join(firstErr, err)
-			sent++
+		sent, err := c.sendmmsg(hdrs)
+		if err == nil {
+			next += done
+			continue
 		}
-		msgs = msgs[min(sent, len(msgs)):]
+		failed := c.wmsg[sent]
+		var errno syscall.Errno
+		errors.As(err, &errno)
+		switch {
+		case c.gso.Load() && msgs[failed].segSize > 0 && len(msgs[failed].buf) > msgs[failed].segSize &&
+			(errno == unix.EIO || errno == unix.EMSGSIZE || errno == unix.EINVAL):
+			// The kernel cannot segment (no checksum offload on the way out, a small path
+			// MTU, an old kernel): retry this message and the rest without GSO.
+			c.gso.Store(false)
+			errs = errors.Join(errs, &gsoFallbackError{err: errno})
+			next = failed
+		case icmpErrno(errno):
+			// A datagram the kernel refused is lost (with the rest of its message, if it
+			// was split), the others go on.
+			errs = errors.Join(errs, c.drainErrors(errno))
+			next = failed + 1
+		default:
+			errs = errors.Join(errs, err)
+			next = failed + 1
+		}
 	}
-	return firstErr
+	return errs
 }
 
 // sendmmsg sends c.whdrs[:n], waiting while the socket buffer is full. It returns how
 // many went out before an error.
 func (c *udpCarrier) sendmmsg(n int) (int, error) {
-	done := 0
-	var errno syscall.Errno
-	err := c.raw.Write(func(fd uintptr) bool {
-		for done < n {
-			r, _, e := unix.Syscall6(unix.SYS_SENDMMSG, fd, uintptr(unsafe.Pointer(&c.whdrs[done])), uintptr(n-done),
-				unix.MSG_DONTWAIT, 0, 0)
-			switch {
-			case e == unix.EAGAIN:
-				return false
-			case e == unix.EINTR:
-				continue
-			case e != 0:
-				errno = e
-				return true
-			}
-			done += int(r)
-		}
-		return true
-	})
+	c.wn, c.wdone, c.werrno = n, 0, 0
+	err := c.raw.Write(c.wcall)
 	if err != nil {
-		return done, err
+		return c.wdone, err
 	}
-	if errno != 0 {
-		return done, os.NewSyscallError("sendmmsg", errno)
+	if c.werrno != 0 {
+		return c.wdone, os.NewSyscallError("sendmmsg", c.werrno)
 	}
-	return done, nil
+	return c.wdone, nil
+}
+
+// sendmmsgCall is sendmmsg's netpoller callback: it sends c.whdrs[c.wdone:c.wn].
+func (c *udpCarrier) sendmmsgCall(fd uintptr) bool {
+	for c.wdone < c.wn {
+		r, _, e := unix.Syscall6(unix.SYS_SENDMMSG, fd, uintptr(unsafe.Pointer(&c.whdrs[c.wdone])),
+			uintptr(c.wn-c.wdone), unix.MSG_DONTWAIT, 0, 0)
+		switch {
+		case e == unix.EAGAIN:
+			return false
+		case e == unix.EINTR:
+			continue
+		case e != 0:
+			c.werrno = e
+			return true
+		}
+		c.wdone += int(r)
+	}
+	return true
 }
 
 // drainErrors reads the socket's error queue, where the kernel keeps one entry per ICMP
-// error, and returns them as one *unreachableError (at least one: errno itself). Errors
-// for other destinations than the ones we send to cannot occur on this socket.
+// error, and returns them as one *unreachableError (at least one: errno itself).
 func (c *udpCarrier) drainErrors(errno syscall.Errno) *unreachableError {
 	ue := &unreachableError{err: errno}
 	var buf [1]byte
-	oob := make([]byte, 512)
+	var oob [512]byte
 	// Control, not Read: the receiving goroutine may hold the read lock while it waits.
 	_ = c.raw.Control(func(fd uintptr) {
 		for {
-			_, _, _, _, err := unix.Recvmsg(int(fd), buf[:], oob, unix.MSG_ERRQUEUE|unix.MSG_DONTWAIT)
+			_, _, _, _, err := unix.Recvmsg(int(fd), buf[:], oob[:], unix.MSG_ERRQUEUE|unix.MSG_DONTWAIT)
 			if err != nil {
 				return // EAGAIN: the queue is empty
 			}

@@ -1,0 +1,304 @@
+package main
+
+// The interface side of the data path: a TUN device read and written either with virtio
+// headers (offloads: the kernel hands us super-packets and takes them back) or plainly,
+// one packet per read and write, through the wireguard tun package's Device.
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"sync/atomic"
+	"syscall"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+	"golang.zx2c4.com/wireguard/tun"
+)
+
+const (
+	vnetReadFrames = 4                                // frames read per batch with offloads
+	vnetFrameSize  = virtioNetHdrLen + maxSuperPacket // the largest frame the kernel hands us
+	maxWriteIovecs = 1 + 1 + 64                       // virtio header, first packet, 64 payloads
+)
+
+// tunFrame is what one read from the device gives: a packet, or with offloads a
+// super-packet and its virtio header.
+type tunFrame struct {
+	hdr virtioNetHdr
+	pkt []byte
+}
+
+// frameBatch holds the buffers frames are read into, and the frames of the last read.
+type frameBatch struct {
+	bufs   [][]byte
+	sizes  []int
+	frames []tunFrame
+}
+
+func newFrameBatch(n, size int) *frameBatch {
+	fb := &frameBatch{bufs: make([][]byte, n), sizes: make([]int, n), frames: make([]tunFrame, 0, n)}
+	for i := range fb.bufs {
+		fb.bufs[i] = make([]byte, size)
+	}
+	return fb
+}
+
+// tunPort is the interface side of the data path. read is called by the outbound loop
+// only, write by the inbound loop only.
+type tunPort interface {
+	// read blocks until a frame is ready, then reads the frames that are ready, as many
+	// as fb has buffers for, into fb.frames.
+	read(fb *frameBatch) error
+	// write hands inner packets to the kernel. It may change their bytes.
+	write(pkts []innerPacket) error
+	// newFrameBatch makes the buffers read needs.
+	newFrameBatch() *frameBatch
+}
+
+// errCoalesceFallback reports that the kernel refused a coalesced write: coalescing is off
+// from now on and the packets were written one by one.
+type errCoalesceFallback struct{ err error }
+
+func (e *errCoalesceFallback) Error() string {
+	return fmt.Sprintf("the interface refused a coalesced packet (%v): writing packets one by one from now on", e.err)
+}
+
+// vnetPort reads and writes a TUN device opened with IFF_VNET_HDR and offloads on (as
+// tun.CreateTUN does), on its file descriptor, through the Go netpoller.
+type vnetPort struct {
+	raw      syscall.RawConn
+	coalesce atomic.Bool
+
+	// Read state, owned by the outbound loop; the netpoller callback is bound once, with
+	// its argument and result in fields, so that a read allocates nothing.
+	rcall  func(fd uintptr) bool
+	rbatch *frameBatch
+	rerr   error
+
+	// Write scratch, owned by the inbound loop, likewise.
+	iovs   [maxWriteIovecs]unix.Iovec
+	vhdr   [virtioNetHdrLen]byte
+	vhead  virtioNetHdr
+	wcall  func(fd uintptr) bool
+	wn     int
+	werrno syscall.Errno
+}
+
+func newVnetPort(f *os.File, coalesce bool) (*vnetPort, error) {
+	raw, err := f.SyscallConn()
+	if err != nil {
+		return nil, err
+	}
+	p := &vnetPort{raw: raw}
+	p.rcall, p.wcall = p.readCall, p.writevCall
+	p.coalesce.Store(coalesce)
+	return p, nil
+}
+
+func (p *vnetPort) newFrameBatch() *frameBatch { return newFrameBatch(vnetReadFrames, vnetFrameSize) }
+
+func (p *vnetPort) read(fb *frameBatch) error {
+	fb.frames = fb.frames[:0]
+	p.rbatch, p.rerr = fb, nil
+	err := p.raw.Read(p.rcall)
+	p.rbatch = nil
+	if err != nil {
+		return err
+	}
+	if p.rerr != nil && len(fb.frames) == 0 {
+		if errors.Is(p.rerr, unix.EBADFD) {
+			return os.ErrClosed
+		}
+		return os.NewSyscallError("read", p.rerr)
+	}
+	return nil
+}
+
+// readCall is read's netpoller callback: it reads frames until the device has no more
+// or the batch is full, and waits only if it got none.
+func (p *vnetPort) readCall(fd uintptr) bool {
+	fb := p.rbatch
+	for len(fb.frames) < len(fb.bufs) {
+		buf := fb.bufs[len(fb.frames)]
+		n, err := unix.Read(int(fd), buf)
+		if err == unix.EAGAIN || err == unix.EINTR {
+			return len(fb.frames) > 0
+		}
+		if err != nil {
+			p.rerr = err
+			return true
+		}
+		if n < virtioNetHdrLen {
+			continue
+		}
+		f := tunFrame{pkt: buf[virtioNetHdrLen:n]}
+		f.hdr.decode(buf)
+		fb.frames = append(fb.frames, f)
+	}
+	return true
+}
+
+// writev writes p.iovs[:n] as one packet.
+func (p *vnetPort) writev(n int) error {
+	p.wn, p.werrno = n, 0
+	if err := p.raw.Write(p.wcall); err != nil {
+		return err
+	}
+	if p.werrno != 0 {
+		return p.werrno
+	}
+	return nil
+}
+
+// writevCall is writev's netpoller callback.
+func (p *vnetPort) writevCall(fd uintptr) bool {
+	_, _, e := unix.Syscall(unix.SYS_WRITEV, fd, uintptr(unsafe.Pointer(&p.iovs[0])), uintptr(p.wn))
+	if e == unix.EAGAIN {
+		return false
+	}
+	p.werrno = e
+	return true
+}
+
+func (p *vnetPort) setIovec(i int, b []byte) {
+	p.iovs[i] = unix.Iovec{Base: &b[0]}
+	p.iovs[i].SetLen(len(b))
+}
+
+// write coalesces consecutive TCP segments of one flow (see tcpRun) into super-packets and
+// writes each super-packet, and each other packet, with one writev: its virtio header,
+// the first packet, the payloads of the others. Nothing is copied.
+func (p *vnetPort) write(pkts []innerPacket) error {
+	var errs error
+	for i := 0; i < len(pkts); {
+		first := &pkts[i]
+		j := i + 1
+		run, ok := tcpRun{}, false
+		if p.coalesce.Load() {
+			run, ok = startRun(first)
+		}
+		psh := false
+		for ok && j < len(pkts) && j-i < maxWriteIovecs-2 {
+			more, last := run.extends(first, &pkts[j])
+			if !more {
+				break
+			}
+			psh = pkts[j].pkt[run.ipHdrLen+13]&tcpFlagPSH != 0
+			j++
+			if last {
+				break
+			}
+		}
+		if j-i == 1 {
+			singleHeader(first, &p.vhead)
+			p.vhead.encode(p.vhdr[:])
+			p.setIovec(0, p.vhdr[:])
+			p.setIovec(1, first.pkt)
+			if err := p.writev(2); err != nil {
+				errs = errors.Join(errs, err)
+			}
+			i = j
+			continue
+		}
+		run.superHeader(first.pkt, run.bytes, psh, &p.vhead)
+		p.vhead.encode(p.vhdr[:])
+		p.setIovec(0, p.vhdr[:])
+		p.setIovec(1, first.pkt)
+		for k := i + 1; k < j; k++ {
+			p.setIovec(2+k-i-1, pkts[k].pkt[run.hdrLen:])
+		}
+		err := p.writev(1 + j - i)
+		if errors.Is(err, unix.EINVAL) {
+			// The kernel does not take our super-packets: undo the header and write the
+			// segments one by one, now and from now on.
+			p.coalesce.Store(false)
+			errs = errors.Join(errs, &errCoalesceFallback{err: err})
+			restoreFirst(first.pkt, &run)
+			if werr := p.write(pkts[i:j]); werr != nil {
+				errs = errors.Join(errs, werr)
+			}
+		} else if err != nil {
+			errs = errors.Join(errs, err)
+		}
+		i = j
+	}
+	return errs
+}
+
+// restoreFirst undoes superHeader on the first packet of a run, so that it can be written
+// alone.
+func restoreFirst(pkt []byte, r *tcpRun) {
+	size := r.hdrLen + r.mss
+	if pkt[0]>>4 == 4 {
+		pkt[2], pkt[3] = byte(size>>8), byte(size)
+		setIPv4HeaderChecksum(pkt, r.ipHdrLen)
+	} else {
+		pkt[4], pkt[5] = byte((size-40)>>8), byte(size-40)
+	}
+	pkt[r.ipHdrLen+13] &^= tcpFlagPSH // the first packet of a run never had it
+	setPartialChecksum(pkt[:size], r.ipHdrLen, ipProtoTCP, tcpCsumOffset)
+}
+
+// plainPort reads and writes packets one by one through a tun.Device without virtio
+// headers: a TUN device without offloads, or the in-process fake of the tests.
+type plainPort struct {
+	dev  tun.Device
+	mtu  int
+	bufs [][]byte // write scratch, owned by the inbound loop
+}
+
+func (p *plainPort) newFrameBatch() *frameBatch { return newFrameBatch(p.dev.BatchSize(), p.mtu) }
+
+func (p *plainPort) read(fb *frameBatch) error {
+	fb.frames = fb.frames[:0]
+	n, err := p.dev.Read(fb.bufs, fb.sizes, 0)
+	for i := 0; i < n; i++ {
+		fb.frames = append(fb.frames, tunFrame{pkt: fb.bufs[i][:fb.sizes[i]]})
+	}
+	if n > 0 && errors.Is(err, tun.ErrTooManySegments) {
+		err = nil
+	}
+	return err
+}
+
+// write completes partial checksums in software (this kernel path cannot take them) and
+// writes the packets.
+func (p *plainPort) write(pkts []innerPacket) error {
+	p.bufs = p.bufs[:0]
+	for i := range pkts {
+		if pkts[i].partial && !completeChecksum(pkts[i].pkt) {
+			continue
+		}
+		p.bufs = append(p.bufs, pkts[i].pkt)
+	}
+	if len(p.bufs) == 0 {
+		return nil
+	}
+	_, err := p.dev.Write(p.bufs, 0)
+	return err
+}
+
+// openPlainTUN creates a TUN device without virtio headers, hence without offloads, as
+// the tun package would with them.
+func openPlainTUN(name string, mtu int) (tun.Device, error) {
+	fd, err := unix.Open("/dev/net/tun", unix.O_RDWR|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, err
+	}
+	ifr, err := unix.NewIfreq(name)
+	if err != nil {
+		unix.Close(fd)
+		return nil, err
+	}
+	ifr.SetUint16(unix.IFF_TUN | unix.IFF_NO_PI)
+	if err := unix.IoctlIfreq(fd, unix.TUNSETIFF, ifr); err != nil {
+		unix.Close(fd)
+		return nil, err
+	}
+	if err := unix.SetNonblock(fd, true); err != nil {
+		unix.Close(fd)
+		return nil, err
+	}
+	return tun.CreateTUNFromFile(os.NewFile(uintptr(fd), "/dev/net/tun"), mtu)
+}
