@@ -461,6 +461,22 @@ measure() { # measure SYSTEM ROUND
 
 # --- the rounds --------------------------------------------------------------------------
 
+# How busy the machine is besides us: CPU use in the second before we start, and CPU
+# time stolen by the hypervisor during the run (/proc/stat's cpu line: user nice system
+# idle iowait irq softirq steal ...).
+cpu_pct() { # cpu_pct "STAT-LINE-BEFORE" "STAT-LINE-AFTER": busy% and steal% in between
+	printf '%s\n%s\n' "$1" "$2" | awk '
+		{ t[NR] = 0; for (i = 2; i <= 9; i++) t[NR] += $i; idle[NR] = $5 + $6; st[NR] = $9 }
+		END { d = t[2] - t[1]; if (d <= 0) d = 1
+			printf "%.0f %.1f\n", 100 * (d - (idle[2] - idle[1])) / d, 100 * (st[2] - st[1]) / d }'
+}
+stat0=$(head -1 /proc/stat)
+sleep 1
+stat1=$(head -1 /proc/stat)
+read -r busy0 _ <<<"$(cpu_pct "$stat0" "$stat1")"
+[ "$busy0" -gt 10 ] &&
+	log "warning: the CPUs were ${busy0}% busy before starting: something else is running, numbers will be noisy"
+stat0=$stat1
 t0=$SECONDS
 n=${#systems[@]}
 log "ciped $commit, $RUNS round(s) of: ${systems[*]}; TCP tests of ${DURATION} s"
@@ -481,6 +497,7 @@ for round in $(seq "$RUNS"); do
 	done
 done
 elapsed=$((SECONDS - t0))
+read -r _ steal <<<"$(cpu_pct "$stat0" "$(head -1 /proc/stat)")"
 
 # --- the report --------------------------------------------------------------------------
 
@@ -513,6 +530,7 @@ report() {
 	echo "- iperf3: $(iperf3 --version 2>/dev/null | head -1)"
 	echo "- command: \`$cmdline\`"
 	echo "- $RUNS round(s), TCP tests of $DURATION s, ping -c $PINGS -i 0.02; took ${elapsed} s"
+	echo "- CPU busy in the second before the run: ${busy0}% (above 10%: something else was running); CPU steal during the run: ${steal}%"
 	echo
 	echo "Each cell: median (min–max) over the rounds. Throughput: iperf3 receiver, Gbit/s."
 	echo "CPU per GB: user+system CPU seconds of both tunnel processes per 1e9 bytes received"
