@@ -219,6 +219,8 @@ func (p *benchPort) read(fb *frameBatch) error {
 	return nil
 }
 
+func (p *benchPort) inject([]byte) error { return nil }
+
 func (p *benchPort) write(pkts []innerPacket) error {
 	n := 0
 	for i := range pkts {

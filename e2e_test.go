@@ -55,7 +55,9 @@ func endpoint(addr fmt.Stringer, port string) string {
 // essentials come from l.extraA and l.extraB.
 func (l *link) start(t *testing.T, ipv6Carrier bool) {
 	t.Helper()
-	l.ns = newNetnsPair(t, ipv6Carrier)
+	if l.ns == nil {
+		l.ns = newNetnsPair(t, ipv6Carrier)
+	}
 	if l.dir == "" {
 		l.dir = t.TempDir()
 	}
@@ -646,4 +648,59 @@ func TestE2EForwardedChecksums(t *testing.T) {
 		t.Fatalf("only %d forwarded segments captured", checked)
 	}
 	t.Logf("%d forwarded TCP segments, every checksum valid", checked)
+}
+
+// newRoutedPair builds a carrier network with a router between a and b: a (ve0,
+// 198.18.0.1) – (198.18.0.254) router (198.18.1.254) – b (ve3, 198.18.1.2), the router's
+// link to b having the given MTU.
+func newRoutedPair(t *testing.T, mtu int) *netnsPair {
+	t.Helper()
+	id := fmt.Sprintf("cpd%d-%d", os.Getpid(), nsCounter.Add(1))
+	p := &netnsPair{a: id + "a", b: id + "b", carrierA: netip.MustParseAddr("198.18.0.1"), carrierB: netip.MustParseAddr("198.18.1.2")}
+	r := id + "r"
+	for _, ns := range []string{p.a, p.b, r} {
+		mustRun(t, "ip", "netns", "add", ns)
+		t.Cleanup(func() { exec.Command("ip", "netns", "del", ns).Run() })
+	}
+	mustRun(t, "ip", "link", "add", "ve0", "netns", p.a, "type", "veth", "peer", "name", "ve1", "netns", r)
+	mustRun(t, "ip", "link", "add", "ve2", "netns", r, "mtu", fmt.Sprint(mtu), "type", "veth", "peer", "name", "ve3", "netns", p.b, "mtu", fmt.Sprint(mtu))
+	for _, c := range []struct{ ns, dev, addr string }{
+		{p.a, "ve0", "198.18.0.1/24"}, {r, "ve1", "198.18.0.254/24"}, {r, "ve2", "198.18.1.254/24"}, {p.b, "ve3", "198.18.1.2/24"},
+	} {
+		mustRun(t, "ip", "-n", c.ns, "addr", "add", c.addr, "dev", c.dev)
+		mustRun(t, "ip", "-n", c.ns, "link", "set", c.dev, "up")
+		mustRun(t, "ip", "-n", c.ns, "link", "set", "lo", "up")
+	}
+	mustRun(t, "ip", "-n", p.a, "route", "add", "198.18.1.0/24", "via", "198.18.0.254")
+	mustRun(t, "ip", "-n", p.b, "route", "add", "198.18.0.0/24", "via", "198.18.1.254")
+	mustRun(t, "ip", "netns", "exec", r, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+	return p
+}
+
+// TestE2EPathMTU: the carrier path has a 1300-byte link the tunnel's 1440-byte MTU does
+// not fit. ciped learns that from the router's ICMP message, answers inner packets with
+// DF that no longer fit with "fragmentation needed" (mtu 1300 - 28 - 32 = 1240), so TCP
+// adapts and a transfer completes; an inner packet without DF is fragmented and arrives.
+func TestE2EPathMTU(t *testing.T) {
+	requireRoot(t)
+	l := &link{ns: newRoutedPair(t, 1300)}
+	l.start(t, false)
+	l.waitUp(t)
+	out, _ := exec.Command("ip", "netns", "exec", l.ns.a, "ping", "-n", "-M", "do", "-s", "1412", "-c", "4", "-i", "0.3",
+		"-W", "1", e2eTunnelB).CombinedOutput()
+	if !strings.Contains(string(out), "mtu = 1240") && !strings.Contains(string(out), "mtu=1240") {
+		t.Fatalf("ping with DF through the small path did not hear of mtu 1240:\n%s", out)
+	}
+	l.a.waitLog(t, "takes packets of 1272 bytes at most", linkBound)
+	if got := ping(t, l.ns.a, e2eTunnelB, 3, "0.2"); got != 3 {
+		t.Errorf("small pings after the path MTU news: %d of 3", got)
+	}
+	out, err := exec.Command("ip", "netns", "exec", l.ns.a, "ping", "-n", "-q", "-M", "dont", "-s", "1412", "-c", "3", "-i", "0.2",
+		e2eTunnelB).CombinedOutput()
+	if err != nil || !strings.Contains(string(out), "3 received") {
+		t.Errorf("ping without DF (fragmented on the carrier): %v\n%s", err, out)
+	}
+	if sent, got := transfer(t, l.ns.a, l.ns.b, e2eTunnelB, 5<<20, nil, 0); sent != got {
+		t.Fatalf("TCP over the small path: sent %x, received %x", sent, got)
+	}
 }

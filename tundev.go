@@ -54,6 +54,9 @@ type tunPort interface {
 	write(pkts []innerPacket) error
 	// newFrameBatch makes the buffers read needs.
 	newFrameBatch() *frameBatch
+	// inject writes one complete packet (a checksum-complete one we made). It is called
+	// by the outbound loop only, and may run alongside write.
+	inject(pkt []byte) error
 }
 
 // errCoalesceFallback reports that the kernel refused a coalesced write: coalescing is off
@@ -83,6 +86,9 @@ type vnetPort struct {
 	wcall  func(fd uintptr) bool
 	wn     int
 	werrno syscall.Errno
+
+	// inject's scratch, owned by the outbound loop.
+	ivhdr [virtioNetHdrLen]byte
 }
 
 func newVnetPort(f *os.File, coalesce bool) (*vnetPort, error) {
@@ -226,6 +232,25 @@ func (p *vnetPort) write(pkts []innerPacket) error {
 	return errs
 }
 
+// inject writes one packet with an empty virtio header (nothing offloaded).
+func (p *vnetPort) inject(pkt []byte) error {
+	buf := make([]byte, virtioNetHdrLen+len(pkt)) // rare: an ICMP error now and then
+	copy(buf[virtioNetHdrLen:], pkt)
+	var n int
+	var werr error
+	err := p.raw.Write(func(fd uintptr) bool {
+		n, werr = unix.Write(int(fd), buf)
+		return werr != unix.EAGAIN
+	})
+	if err == nil {
+		err = werr
+	}
+	if err == nil && n != len(buf) {
+		err = fmt.Errorf("short write of %d bytes", n)
+	}
+	return err
+}
+
 // restoreFirst undoes superHeader on the first packet of a run, so that it can be written
 // alone.
 func restoreFirst(pkt []byte, r *tcpRun) {
@@ -259,6 +284,11 @@ func (p *plainPort) read(fb *frameBatch) error {
 	if n > 0 && errors.Is(err, tun.ErrTooManySegments) {
 		err = nil
 	}
+	return err
+}
+
+func (p *plainPort) inject(pkt []byte) error {
+	_, err := p.dev.Write([][]byte{pkt}, 0)
 	return err
 }
 

@@ -41,6 +41,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"runtime"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -52,6 +53,8 @@ import (
 
 const (
 	carrierBatch        = 128              // datagrams per recvmmsg without GRO
+	parallelMinPackets  = 16               // packets in a batch worth sealing or opening on two cores
+	icmpPerSecond       = 20               // ICMP "too big" messages we send at most
 	groBatch            = 8                // messages (of up to 64 datagrams) per recvmmsg with GRO
 	outArenaSize        = 256 << 10        // bytes of sealed datagrams per sendmmsg
 	exchangeQueueSize   = 64               // key-exchange messages waiting for the control loop
@@ -142,6 +145,7 @@ type stats struct {
 	dropReplay            atomic.Uint64 // data messages that were replays
 	dropUnknown           atomic.Uint64 // data messages for no session we hold (or an expired one)
 	dropMalformed         atomic.Uint64 // datagrams that are not a well-formed message
+	dropTooBig            atomic.Uint64 // inner packets too big for the carrier path (answered with ICMP)
 	dropExchange          atomic.Uint64 // key-exchange messages refused
 	dropExchangeQueueFull atomic.Uint64 // key-exchange messages dropped because the queue was full
 	carrierErrors         atomic.Uint64 // failed carrier sends and receives
@@ -170,10 +174,11 @@ type exchangeMsg struct {
 type eventKind int
 
 const (
-	eventConfirmed   eventKind = iota // the inbound loop confirmed an unconfirmed session
-	eventPeerMoved                    // a fresh authenticated message came from a new address
-	eventPingRequest                  // the peer asked for a keepalive
-	eventGoodbye                      // the peer is shutting down
+	eventConfirmed      eventKind = iota // the inbound loop confirmed an unconfirmed session
+	eventPeerMoved                       // a fresh authenticated message came from a new address
+	eventPingRequest                     // the peer asked for a keepalive
+	eventGoodbye                         // the peer is shutting down
+	eventUnknownSession                  // data for a session we do not hold, while we hold none
 )
 
 type tunnelEvent struct {
@@ -193,10 +198,15 @@ type tunnel struct {
 	ifname  string
 	ifindex int // 0: do not configure the interface (in-process tests)
 
-	keys       keyring
-	peer       atomic.Pointer[netip.AddrPort] // nil until known
-	up         atomic.Bool                    // the link state, for readers outside the control loop
-	rekeyAfter uint64                         // packets sent under a session before a new exchange
+	keys keyring
+	peer atomic.Pointer[netip.AddrPort] // nil until known
+	up   atomic.Bool                    // the link state, for readers outside the control loop
+	// peerTunnelAddr is ptpaddr, configured or learned; nil until known.
+	peerTunnelAddr atomic.Pointer[netip.Addr]
+	rekeyAfter     uint64 // packets sent under a session before a new exchange
+
+	// parallelCrypto lets each data loop seal or open large batches on two cores.
+	parallelCrypto bool
 
 	// Liveness, written by the data loops once per batch: monotonic nanoseconds since
 	// epoch of the last datagram sent to the peer and the last authentic one received, and
@@ -220,7 +230,8 @@ type tunnel struct {
 	ctlNonce  [12]byte
 	ctlMsg    [1]carrierMsg
 
-	limits struct{ auth, exchange, malformed, plaintext, carrier, tun rateLimit }
+	limits  struct{ auth, exchange, malformed, plaintext, carrier, tun, icmp, pmtu rateLimit }
+	icmpBuf [icmpTooBigMax]byte // the outbound loop's ICMP messages are built here
 
 	failed   chan error // receives why the tunnel cannot go on (the interface vanished)
 	stop     chan struct{}
@@ -245,11 +256,13 @@ func newTunnel(cfg *config, log *logger, dev tun.Device, port tunPort, conn carr
 	t := &tunnel{cfg: cfg, log: log, tun: dev, port: port, conn: conn, ifname: ifname, ifindex: ifindex,
 		exchanges: make(chan exchangeMsg, exchangeQueueSize), events: make(chan tunnelEvent, eventQueueSize),
 		failed: make(chan error, 1),
-		stop:   make(chan struct{}), ctlDone: make(chan struct{}), rekeyAfter: rekeyAfterPackets, epoch: time.Now()}
+		stop:   make(chan struct{}), ctlDone: make(chan struct{}), rekeyAfter: rekeyAfterPackets, epoch: time.Now(),
+		parallelCrypto: runtime.GOMAXPROCS(0) > 1}
 	for _, r := range []*rateLimit{&t.limits.auth, &t.limits.exchange, &t.limits.malformed, &t.limits.plaintext,
-		&t.limits.carrier, &t.limits.tun} {
+		&t.limits.carrier, &t.limits.tun, &t.limits.pmtu} {
 		r.interval = logInterval
 	}
+	t.limits.icmp.interval = time.Second / icmpPerSecond
 	if !cfg.dynamicPeer() {
 		p := cfg.peer
 		t.peer.Store(&p)
@@ -263,6 +276,10 @@ func newTunnel(cfg *config, log *logger, dev tun.Device, port tunPort, conn carr
 		}
 	}
 	t.link.configuredPtp = cfg.ptpaddr
+	if cfg.ptpaddr.IsValid() {
+		p := cfg.ptpaddr
+		t.peerTunnelAddr.Store(&p)
+	}
 	t.scripts = newScriptRunner(log)
 	return t
 }
@@ -396,26 +413,67 @@ type outbound struct {
 	seg     segmenter
 	batch   outBatch
 	peer    netip.AddrPort
+	maxSize int      // the largest datagram the carrier path takes now; 0: no limit known
 	session *session // nil with nokey
 	counter uint64   // the next counter to use
-	nonce   [12]byte
+	nonces  [2][12]byte
 	packets uint64
 	bytes   uint64
+
+	// With a helper, a large batch is copied into the arena first and sealed there by two
+	// cores (jobs); otherwise each packet is sealed as it is emitted.
+	helper   *cryptoHelper
+	parallel bool // this batch is sealed in two halves
+	jobs     []sealJob
+}
+
+// sealJob is an inner packet copied into the arena, waiting to be sealed in place.
+type sealJob struct {
+	buf     []byte // header room, the packet, tag room
+	n       int
+	flags   byte
+	counter uint64
+}
+
+// sealJobs seals jobs[from:to]; half (0 or 1) picks the nonce buffer. It is the helper's
+// work function.
+func (o *outbound) sealJobs(half, from, to int) {
+	for i := from; i < to; i++ {
+		j := &o.jobs[i]
+		o.session.seal(j.buf, j.n, j.flags, j.counter, &o.nonces[half])
+	}
+}
+
+// sealPending seals the jobs waiting in the arena, in two halves if there are enough.
+func (o *outbound) sealPending() {
+	if len(o.jobs) >= parallelMinPackets {
+		o.helper.split(len(o.jobs))
+	} else {
+		o.sealJobs(0, 0, len(o.jobs))
+	}
+	o.jobs = o.jobs[:0]
 }
 
 // emit seals one inner packet into the batch: the header and the ciphertext go to the
-// arena, the plaintext is read where it lies. It implements packetSink.
+// arena, the plaintext is read where it lies (or, for a batch sealed by two cores, it is
+// copied there to be sealed in place). It implements packetSink.
 func (o *outbound) emit(pkt []byte, flags byte) {
 	ttl, tos := innerTTLAndTOS(pkt)
 	if o.t.cfg.cttl != 0 {
 		ttl = 0 // the socket's TTL is cttl
 	}
-	o.packets++
-	o.bytes += uint64(len(pkt))
 	size := len(pkt)
 	if o.session != nil {
 		size += dataOverhead
 	}
+	if o.maxSize > 0 && size > o.maxSize && !mayFragment(pkt) {
+		// The carrier path cannot take it and its sender asked not to fragment: tell
+		// the sender how much fits, as a router would.
+		o.t.tooBig(pkt, o.maxSize-(size-len(pkt)))
+		return
+	}
+	o.packets++
+	o.bytes += uint64(len(pkt))
 	if len(o.batch.arena)-o.batch.used < size {
 		o.t.flush(o) // the arena is full: send it, then go on
 	}
@@ -427,7 +485,12 @@ func (o *outbound) emit(pkt []byte, flags byte) {
 		return
 	}
 	d := o.batch.add(size, ttl, tos)
-	o.session.sealTo(d, pkt, flags, o.counter, &o.nonce)
+	if o.parallel {
+		copy(d[dataHeaderSize:], pkt)
+		o.jobs = append(o.jobs, sealJob{buf: d, n: len(pkt), flags: flags, counter: o.counter})
+	} else {
+		o.session.sealTo(d, pkt, flags, o.counter, &o.nonces[0])
+	}
 	o.counter++
 }
 
@@ -442,6 +505,11 @@ func framePackets(f *tunFrame) int {
 func (t *tunnel) routineReadFromTUN() {
 	fb := t.port.newFrameBatch()
 	out := &outbound{t: t, batch: outBatch{arena: make([]byte, outArenaSize)}}
+	if t.parallelCrypto {
+		out.helper = newCryptoHelper(out.sealJobs)
+		out.jobs = make([]sealJob, 0, outArenaSize/(dataOverhead+40))
+		defer out.helper.stop()
+	}
 	for {
 		err := t.port.read(fb)
 		if err != nil {
@@ -479,7 +547,21 @@ func (t *tunnel) sendFrames(frames []tunFrame, out *outbound) {
 		return
 	}
 	out.peer = *peer
+	out.maxSize = 0
+	if pmtu := t.conn.pathMTU(); pmtu > 0 {
+		out.maxSize = pmtu - carrierIPv4Overhead
+		if peer.Addr().Is6() {
+			out.maxSize = pmtu - carrierIPv6Overhead
+		}
+	}
 	out.batch.reset()
+	if out.helper != nil && out.session != nil {
+		total := 0
+		for i := range frames {
+			total += framePackets(&frames[i])
+		}
+		out.parallel = total >= parallelMinPackets
+	}
 	for i := range frames {
 		f := &frames[i]
 		n := framePackets(f)
@@ -502,8 +584,11 @@ func (t *tunnel) sendFrames(frames []tunFrame, out *outbound) {
 	t.stats.txBytes.Add(out.bytes)
 }
 
-// flush sends what the batch holds and empties it.
+// flush seals what waits to be sealed, sends what the batch holds and empties it.
 func (t *tunnel) flush(out *outbound) {
+	if len(out.jobs) > 0 {
+		out.sealPending()
+	}
 	if len(out.batch.msgs) == 0 {
 		return
 	}
@@ -515,6 +600,35 @@ func (t *tunnel) flush(out *outbound) {
 		t.noteCarrierError(err)
 	}
 	out.batch.reset()
+}
+
+// mayFragment reports whether an inner packet may travel in a fragmented carrier packet:
+// an IPv4 packet without DF. (IPv6 forbids fragmentation on the way, as DF does.)
+func mayFragment(p []byte) bool {
+	return len(p) >= 20 && p[0]>>4 == 4 && p[6]&0x40 == 0
+}
+
+// tooBig answers an inner packet that does not fit the carrier path with ICMP
+// "fragmentation needed" (IPv4) or "packet too big" (IPv6) naming mtu, written into the
+// interface towards the packet's sender; at most icmpPerSecond of them a second. Only
+// the outbound loop calls it.
+func (t *tunnel) tooBig(pkt []byte, mtu int) {
+	t.stats.dropTooBig.Add(1)
+	if ok, _ := t.limits.icmp.allow(time.Now()); !ok {
+		return
+	}
+	var from netip.Addr // the tunnel's far end, as a router on the way would be
+	if p := t.peerTunnelAddr.Load(); p != nil {
+		from = *p
+	}
+	msg := icmpTooBig(t.icmpBuf[:0], pkt, mtu, from)
+	if msg == nil {
+		return
+	}
+	if err := t.port.inject(msg); err != nil {
+		t.log.limitedf(&t.limits.tun, "writing ICMP to the interface: %v", err)
+	}
+	t.log.limitedf(&t.limits.pmtu, "the carrier path to the peer takes packets of %d bytes at most: told senders of larger ones (mtu %d)", mtu+dataOverhead, mtu)
 }
 
 // innerTTLAndTOS reads the TTL (hop limit) and the DSCP bits of an inner packet, which the
@@ -544,7 +658,11 @@ func (t *tunnel) routineReadFromCarrier() {
 		msgs[i].buf = make([]byte, size)
 	}
 	pkts := make([]innerPacket, 0, batch*maxGSOSegments)
-	in := &inbound{t: t}
+	in := &inbound{t: t, jobs: make([]openJob, 0, batch*maxGSOSegments)}
+	if t.parallelCrypto {
+		in.helper = newCryptoHelper(in.openJobs)
+		defer in.helper.stop()
+	}
 	for {
 		n, err := t.conn.ReadBatch(msgs)
 		if err != nil {
@@ -581,18 +699,48 @@ func (t *tunnel) routineReadFromCarrier() {
 
 // inbound is the state of the inbound loop for one batch.
 type inbound struct {
-	t     *tunnel
-	nonce [12]byte
-	held  [3]*session // current, previous, unconfirmed: the sessions a message may name
-	peer  *netip.AddrPort
-	now   time.Time
+	t      *tunnel
+	nonces [2][12]byte
+	held   [3]*session // current, previous, unconfirmed: the sessions a message may name
+	peer   *netip.AddrPort
+	now    time.Time
+
+	// Data messages of the batch, opened by two cores when there are many (helper).
+	jobs   []openJob
+	helper *cryptoHelper
 
 	packets, bytes, auth, replays, unknown, malformed uint64
 	authentic                                         bool
 }
 
+// openJob is a data message of a batch on its way through PROTOCOL.md §4.1.
+type openJob struct {
+	msg   []byte
+	from  netip.AddrPort
+	h     dataHeader
+	s     *session
+	inner []byte // the opened inner packet; nil if it failed
+}
+
+// openJobs opens jobs[from:to] in place; half (0 or 1) picks the nonce buffer. It is the
+// helper's work function.
+func (in *inbound) openJobs(half, from, to int) {
+	for i := from; i < to; i++ {
+		j := &in.jobs[i]
+		inner, err := j.s.open(j.msg, j.h, &in.nonces[half])
+		if err != nil {
+			inner = nil
+		} else if inner == nil {
+			inner = j.msg[dataHeaderSize:dataHeaderSize] // a keepalive: empty, not nil
+		}
+		j.inner = inner
+	}
+}
+
 // receive handles one batch of carrier messages and appends the inner packets to write
-// to the interface to pkts.
+// to the interface to pkts: it sorts the datagrams (§4.1 steps 1 and 2), opens the data
+// messages (step 3; in two halves on two cores if there are many), and then, in order,
+// applies the replay window and the rest (step 4).
 func (in *inbound) receive(msgs []carrierMsg, pkts []innerPacket) []innerPacket {
 	t := in.t
 	in.now = time.Now()
@@ -604,6 +752,7 @@ func (in *inbound) receive(msgs []carrierMsg, pkts []innerPacket) []innerPacket 
 	}
 	in.peer = t.peer.Load()
 	in.packets, in.bytes, in.auth, in.replays, in.unknown, in.malformed, in.authentic = 0, 0, 0, 0, 0, 0, false
+	in.jobs = in.jobs[:0]
 	for i := range msgs {
 		m := &msgs[i]
 		b := m.buf[:m.n]
@@ -617,9 +766,17 @@ func (in *inbound) receive(msgs []carrierMsg, pkts []innerPacket) []innerPacket 
 			if t.kx == nil {
 				pkts = in.plain(d, m.from, pkts)
 			} else {
-				pkts = in.datagram(d, m.from, pkts)
+				in.sort(d, m.from)
 			}
 		}
+	}
+	if in.helper != nil && len(in.jobs) >= parallelMinPackets {
+		in.helper.split(len(in.jobs))
+	} else {
+		in.openJobs(0, 0, len(in.jobs))
+	}
+	for i := range in.jobs {
+		pkts = in.finish(&in.jobs[i], pkts)
 	}
 	if in.authentic {
 		t.lastReceived.Store(t.since(in.now))
@@ -636,44 +793,53 @@ func (in *inbound) receive(msgs []carrierMsg, pkts []innerPacket) []innerPacket 
 	return pkts
 }
 
-// datagram handles one datagram of a keyed link (PROTOCOL.md §4.1).
-func (in *inbound) datagram(msg []byte, from netip.AddrPort, pkts []innerPacket) []innerPacket {
+// sort handles the first steps of a datagram of a keyed link (PROTOCOL.md §4.1 steps 1
+// and 2): key-exchange messages go to the control loop, data messages for a session we
+// hold become jobs.
+func (in *inbound) sort(msg []byte, from netip.AddrPort) {
 	t := in.t
 	if len(msg) < 2 || msg[offsetVersion] != protocolVersion {
 		in.malformed++
 		t.logMalformed(msg, from)
-		return pkts
+		return
 	}
 	switch msg[offsetType] {
 	case messageInitiation, messageResponse:
 		t.queueExchange(msg, from)
-		return pkts
+		return
 	case messageData:
 	default:
 		in.malformed++
-		return pkts
+		return
 	}
 	h, err := parseDataHeader(msg)
 	if err != nil {
 		in.malformed++
-		return pkts
+		return
 	}
-	var s *session
-	for _, c := range in.held {
-		if c != nil && c.localIndex == h.receiver {
-			s = c
-			break
+	for _, s := range in.held {
+		if s != nil && s.localIndex == h.receiver {
+			in.jobs = append(in.jobs, openJob{msg: msg, from: from, h: h, s: s})
+			return
 		}
 	}
-	if s == nil {
-		in.unknown++
-		return pkts
+	if in.unknown == 0 && in.held == [3]*session{} {
+		// We hold no session at all, yet the sender has one with us: we lost ours (a
+		// restart). The control loop may start an exchange with it (once per tokxc).
+		t.event(tunnelEvent{kind: eventUnknownSession, from: from})
 	}
-	inner, err := s.open(msg, h, &in.nonce)
-	if err != nil {
+	in.unknown++
+}
+
+// finish takes an opened data message through the replay window and what follows it
+// (PROTOCOL.md §4.1 step 4, §4.2), in the order the messages arrived.
+func (in *inbound) finish(j *openJob, pkts []innerPacket) []innerPacket {
+	t := in.t
+	if j.inner == nil {
 		in.auth++
 		return pkts
 	}
+	s, h, from, inner := j.s, j.h, j.from, j.inner
 	newest := !s.received || h.counter > s.recvMax
 	if !s.acceptCounter(h.counter) {
 		in.replays++
@@ -845,11 +1011,16 @@ func (t *tunnel) tick(now time.Time) {
 		// confirming keepalive was lost) asks the same address itself.
 		to = t.candidate
 	}
-	if !to.IsValid() {
-		return
+	if to.IsValid() {
+		t.initiate(now, to)
 	}
+}
+
+// initiate sends a new initiation to the address, unless one was sent less than tokxc
+// ago and is still waiting for its response.
+func (t *tunnel) initiate(now time.Time, to netip.AddrPort) {
 	if p := t.kx.pending; p != nil && now.Sub(p.sentAt) < t.cfg.tokxc {
-		return // waiting for the response; retry after tokxc
+		return
 	}
 	msg, err := t.kx.initiate(now)
 	if err != nil {
@@ -1010,6 +1181,12 @@ func (t *tunnel) handleEvent(ev tunnelEvent) {
 			t.keys.clear()
 			t.linkDown("the peer shut down")
 		}
+	case eventUnknownSession:
+		// Only a peer that does not know where to send initiations needs this: one that
+		// does initiates on its own every tokxc.
+		if t.peer.Load() == nil && t.keys.current.Load() == nil {
+			t.initiate(time.Now(), ev.from)
+		}
 	}
 }
 
@@ -1040,6 +1217,7 @@ func (t *tunnel) linkUp(info exchangePayload) {
 	ptp := t.cfg.ptpaddr
 	if !ptp.IsValid() && info.addr.IsValid() {
 		ptp = info.addr
+		t.peerTunnelAddr.Store(&ptp)
 		if t.ifindex != 0 && ptp != t.link.configuredPtp {
 			if err := t.setInterfacePeer(ptp); err != nil {
 				t.log.Printf("cannot set the learned peer address %s on the interface: %v", ptp, err)

@@ -469,3 +469,44 @@ func TestTunnelMaxerr(t *testing.T) {
 		t.Errorf("link down after %d carrier errors, want more than maxerr=3", got)
 	}
 }
+
+// restart starts a fresh tunnel (no state) on the same port and configuration as e, as a
+// process restarted after a crash would be.
+func (e *testEnd) restart(tb testing.TB) {
+	tb.Helper()
+	conn, _, err := listenCarrier(e.addr, carrierOptions{batch: carrierBatch, gso: true, gro: true})
+	if err != nil {
+		tb.Fatal(err)
+	}
+	e.tun = tuntest.NewChannelTUN()
+	var w io.Writer = io.Discard
+	if testing.Verbose() {
+		w = testLog{tb, "restarted"}
+	}
+	dev := e.tun.TUN()
+	e.t = newTunnel(e.cfg, newLogger(w, "tunR", true), dev, &plainPort{dev: dev, mtu: e.cfg.mtu}, conn, "tunR", 0)
+	e.t.start()
+	tb.Cleanup(e.t.close)
+}
+
+// TestTunnelDynamicPeerRestart: the end with peer=0.0.0.0:0 crashes and comes back with
+// no state. It cannot initiate on its own (it does not know the peer), but the first
+// packet the other end sends under the old session makes it start an exchange, and the
+// link is back without waiting for the other end's keys to expire.
+func TestTunnelDynamicPeerRestart(t *testing.T) {
+	a, b := newTestPair(t, func(a, b *config) {
+		b.peer = netip.AddrPort{}
+		a.tokey, a.tokxc = time.Hour, time.Hour // nothing on a's side would help
+	})
+	waitUp(t, a, b)
+	b.crash()
+	b.restart(t)
+	a.send(t, numberedPing("10.0.0.1", "10.0.0.2", 1)) // lost: b has no session yet
+	waitFor(t, "the restarted end's link up", 20*time.Second, b.t.up.Load)
+	a.send(t, numberedPing("10.0.0.1", "10.0.0.2", 2))
+	for {
+		if got := b.receive(t); pingNumber(got) == 2 {
+			break
+		}
+	}
+}

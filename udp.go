@@ -15,6 +15,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"syscall"
+	"time"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -66,6 +67,9 @@ type carrier interface {
 	// receiveBufferSize is the size ReadBatch's buffers need for datagrams of up to
 	// datagram bytes (more with GRO).
 	receiveBufferSize(datagram int) int
+	// pathMTU is the largest IP packet the path to the peer takes, as the network last
+	// reported it (ICMP "fragmentation needed" / "packet too big"), or 0 if it did not.
+	pathMTU() int
 	LocalAddr() netip.AddrPort
 	Close() error
 }
@@ -114,6 +118,12 @@ type udpCarrier struct {
 	local netip.AddrPort
 	gso   atomic.Bool // send GSO messages as such (else one datagram each)
 	gro   bool        // the socket coalesces received datagrams
+
+	// The path MTU reported by the network, and until when that report holds (monotonic
+	// nanoseconds since created), like the kernel's own path MTU cache.
+	created   time.Time
+	pmtu      atomic.Int32
+	pmtuUntil atomic.Int64
 
 	// Receive scratch, owned by the one goroutine in ReadBatch. The callback given to the
 	// netpoller is bound once, with its arguments and results in fields, so that a call
@@ -172,7 +182,7 @@ func newUDPCarrier(conn *net.UDPConn, opts carrierOptions) (*udpCarrier, []strin
 		return nil, nil, err
 	}
 	local := conn.LocalAddr().(*net.UDPAddr).AddrPort()
-	c := &udpCarrier{conn: conn, raw: raw, ipv6: local.Addr().Is6() && !local.Addr().Is4In6(), local: local,
+	c := &udpCarrier{conn: conn, raw: raw, ipv6: local.Addr().Is6() && !local.Addr().Is4In6(), local: local, created: time.Now(),
 		rhdrs: make([]mmsghdr, opts.batch), riovs: make([]unix.Iovec, opts.batch),
 		rnames: make([]unix.RawSockaddrInet6, opts.batch), rcmsgs: make([]byte, opts.batch*cmsgRoom),
 		whdrs: make([]mmsghdr, writeSlots), wiovs: make([]unix.Iovec, writeSlots),
@@ -225,6 +235,25 @@ func (c *udpCarrier) receiveBufferSize(datagram int) int {
 }
 
 func (c *udpCarrier) LocalAddr() netip.AddrPort { return c.local }
+
+// pathMTUExpiry is how long a reported path MTU is believed (the kernel's default too).
+const pathMTUExpiry = 10 * time.Minute
+
+func (c *udpCarrier) pathMTU() int {
+	if time.Since(c.created).Nanoseconds() > c.pmtuUntil.Load() {
+		return 0
+	}
+	return int(c.pmtu.Load())
+}
+
+// notePathMTU records a path MTU the network reported.
+func (c *udpCarrier) notePathMTU(mtu int) {
+	if mtu < 68 || mtu > 65535 {
+		return
+	}
+	c.pmtu.Store(int32(mtu))
+	c.pmtuUntil.Store((time.Since(c.created) + pathMTUExpiry).Nanoseconds())
+}
 
 func (c *udpCarrier) Close() error { return c.conn.Close() }
 
@@ -380,10 +409,13 @@ func (c *udpCarrier) putCmsgs(b []byte, ttl, tos uint8, segSize int) int {
 // how many messages they cover completely.
 func (c *udpCarrier) fill(msgs []carrierMsg, from int, namelen uint32) (hdrs, done int) {
 	gso := c.gso.Load()
+	pmtu := c.pathMTU()
 	for i := from; i < len(msgs); i++ {
 		m := &msgs[i]
 		pieces := 1
-		if m.segSize > 0 && len(m.buf) > m.segSize && !gso {
+		// A GSO message goes out as such only if its datagrams fit the path: larger ones
+		// must be sent one by one, for the kernel to fragment them.
+		if m.segSize > 0 && len(m.buf) > m.segSize && (!gso || (pmtu > 0 && m.segSize+c.headerSize() > pmtu)) {
 			pieces = (len(m.buf) + m.segSize - 1) / m.segSize
 		}
 		if hdrs+pieces > len(c.whdrs) {
@@ -436,11 +468,19 @@ func (c *udpCarrier) WriteBatch(msgs []carrierMsg, to netip.AddrPort) error {
 		failed := c.wmsg[sent]
 		var errno syscall.Errno
 		errors.As(err, &errno)
+		m := &msgs[failed]
 		switch {
-		case c.gso.Load() && msgs[failed].segSize > 0 && len(msgs[failed].buf) > msgs[failed].segSize &&
+		case c.gso.Load() && m.segSize > 0 && len(m.buf) > m.segSize &&
 			(errno == unix.EIO || errno == unix.EMSGSIZE || errno == unix.EINVAL):
-			// The kernel cannot segment (no checksum offload on the way out, a small path
-			// MTU, an old kernel): retry this message and the rest without GSO.
+			if mtu := c.kernelPathMTU(to); mtu > 0 && m.segSize+c.headerSize() > mtu {
+				// The path is smaller than the datagrams: not a GSO failure. fill now
+				// sends this message's datagrams one by one.
+				c.notePathMTU(mtu)
+				next = failed
+				continue
+			}
+			// The kernel cannot segment (no checksum offload on the way out, an old
+			// kernel): retry this message and the rest without GSO, from now on.
 			c.gso.Store(false)
 			errs = errors.Join(errs, &gsoFallbackError{err: errno})
 			next = failed
@@ -490,8 +530,45 @@ func (c *udpCarrier) sendmmsgCall(fd uintptr) bool {
 	return true
 }
 
+// headerSize is the size of the carrier's IP and UDP headers.
+func (c *udpCarrier) headerSize() int {
+	if c.ipv6 {
+		return carrierIPv6Overhead
+	}
+	return carrierIPv4Overhead
+}
+
+// kernelPathMTU asks the kernel for its path MTU towards to (through a throwaway
+// connected socket); 0 if it cannot tell.
+func (c *udpCarrier) kernelPathMTU(to netip.AddrPort) int {
+	network := "udp4"
+	if c.ipv6 {
+		network = "udp6"
+	}
+	probe, err := net.DialUDP(network, nil, net.UDPAddrFromAddrPort(to))
+	if err != nil {
+		return 0
+	}
+	defer probe.Close()
+	raw, err := probe.SyscallConn()
+	if err != nil {
+		return 0
+	}
+	mtu := 0
+	_ = raw.Control(func(fd uintptr) {
+		if c.ipv6 {
+			mtu, _ = unix.GetsockoptInt(int(fd), unix.IPPROTO_IPV6, unix.IPV6_MTU)
+		} else {
+			mtu, _ = unix.GetsockoptInt(int(fd), unix.IPPROTO_IP, unix.IP_MTU)
+		}
+	})
+	return mtu
+}
+
 // drainErrors reads the socket's error queue, where the kernel keeps one entry per ICMP
-// error, and returns them as one *unreachableError (at least one: errno itself).
+// error, and returns them as one *unreachableError (at least one: errno itself). A
+// "fragmentation needed" or "packet too big" report updates the path MTU instead and is
+// not counted as an error.
 func (c *udpCarrier) drainErrors(errno syscall.Errno) *unreachableError {
 	ue := &unreachableError{err: errno}
 	var buf [1]byte
@@ -499,13 +576,45 @@ func (c *udpCarrier) drainErrors(errno syscall.Errno) *unreachableError {
 	// Control, not Read: the receiving goroutine may hold the read lock while it waits.
 	_ = c.raw.Control(func(fd uintptr) {
 		for {
-			_, _, _, _, err := unix.Recvmsg(int(fd), buf[:], oob[:], unix.MSG_ERRQUEUE|unix.MSG_DONTWAIT)
+			_, oobn, _, _, err := unix.Recvmsg(int(fd), buf[:], oob[:], unix.MSG_ERRQUEUE|unix.MSG_DONTWAIT)
 			if err != nil {
 				return // EAGAIN: the queue is empty
+			}
+			if mtu := pathMTUReport(oob[:oobn]); mtu > 0 {
+				c.notePathMTU(mtu)
+				continue
 			}
 			ue.count++
 		}
 	})
+	if ue.count == 0 && errno == unix.EMSGSIZE {
+		return ue // only path MTU news
+	}
 	ue.count = max(ue.count, 1)
 	return ue
+}
+
+// pathMTUReport finds a path MTU in an error-queue entry's control messages: the
+// sock_extended_err of an ICMP "fragmentation needed" or ICMPv6 "packet too big", or of
+// a local EMSGSIZE. 0 if there is none.
+func pathMTUReport(oob []byte) int {
+	for len(oob) >= unix.SizeofCmsghdr {
+		h := (*unix.Cmsghdr)(unsafe.Pointer(&oob[0]))
+		if h.Len < unix.SizeofCmsghdr || int(h.Len) > len(oob) {
+			return 0
+		}
+		data := oob[unix.CmsgLen(0):h.Len]
+		if ((h.Level == unix.IPPROTO_IP && h.Type == unix.IP_RECVERR) ||
+			(h.Level == unix.IPPROTO_IPV6 && h.Type == unix.IPV6_RECVERR)) && len(data) >= int(unsafe.Sizeof(unix.SockExtendedErr{})) {
+			ee := (*unix.SockExtendedErr)(unsafe.Pointer(&data[0]))
+			switch {
+			case ee.Origin == unix.SO_EE_ORIGIN_ICMP && ee.Type == 3 && ee.Code == 4, // fragmentation needed
+				ee.Origin == unix.SO_EE_ORIGIN_ICMP6 && ee.Type == 2, // packet too big
+				ee.Origin == unix.SO_EE_ORIGIN_LOCAL && syscall.Errno(ee.Errno) == unix.EMSGSIZE:
+				return int(ee.Info)
+			}
+		}
+		oob = oob[min(len(oob), unix.CmsgSpace(int(h.Len)-unix.CmsgLen(0))):]
+	}
+	return 0
 }

@@ -17,6 +17,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"math/bits"
+	"net/netip"
 )
 
 const (
@@ -410,4 +411,67 @@ func singleHeader(p *innerPacket, h *virtioNetHdr) {
 		h.csumStart = uint16(ipHdrLen)
 		h.csumOffset = uint16(csumOff)
 	}
+}
+
+// ---------------------------------------------------------------------------------------
+// ICMP "fragmentation needed" / "packet too big".
+
+const icmpTooBigMax = 40 + 8 + 1232 // IPv6 header, ICMPv6 header, quote: 1280 bytes
+
+// icmpTooBig builds, in dst's capacity, the ICMP message a router sends back when pkt
+// does not fit a link of mtu bytes: ICMPv4 type 3 code 4 quoting pkt's header and 8
+// bytes (RFC 792, RFC 1191), or ICMPv6 type 2 quoting as much of pkt as fits 1280 bytes
+// (RFC 4443). It comes from src (the tunnel's far end, the "router" that found the
+// packet too big) if src is of pkt's IP version, else from pkt's destination; never from
+// one of our own addresses, which the kernel would drop as a martian. It returns nil for
+// a packet that must not be answered (ICMP errors, and what is not IP).
+func icmpTooBig(dst, pkt []byte, mtu int, src netip.Addr) []byte {
+	switch {
+	case len(pkt) >= 20 && pkt[0]>>4 == 4:
+		ihl := int(pkt[0]&0x0f) * 4
+		if ihl < 20 || len(pkt) < ihl || (pkt[9] == 1 && len(pkt) > ihl && pkt[ihl] != 0 && pkt[ihl] != 8) {
+			return nil // never answer an ICMP error (only echo request and reply)
+		}
+		quote := pkt[:min(len(pkt), ihl+8)]
+		from := pkt[16:20]
+		if src.Is4() {
+			a := src.As4()
+			from = a[:]
+		}
+		m := dst[:20+8+len(quote)]
+		clear(m[:28])
+		m[0], m[8], m[9] = 0x45, 64, 1
+		binary.BigEndian.PutUint16(m[2:], uint16(len(m)))
+		copy(m[12:16], from)
+		copy(m[16:20], pkt[12:16])
+		setIPv4HeaderChecksum(m, 20)
+		m[20], m[21] = 3, 4
+		binary.BigEndian.PutUint16(m[26:], uint16(min(mtu, 0xffff)))
+		copy(m[28:], quote)
+		binary.BigEndian.PutUint16(m[22:], ^checksumFold(checksumAdd(0, m[20:])))
+		return m
+	case len(pkt) >= 40 && pkt[0]>>4 == 6:
+		if pkt[6] == 58 && len(pkt) > 40 && pkt[40] < 128 {
+			return nil // an ICMPv6 error
+		}
+		quote := pkt[:min(len(pkt), icmpTooBigMax-48)]
+		from := pkt[24:40]
+		if src.Is6() && !src.Is4In6() {
+			a := src.As16()
+			from = a[:]
+		}
+		m := dst[:48+len(quote)]
+		clear(m[:48])
+		m[0], m[6], m[7] = 0x60, 58, 64
+		binary.BigEndian.PutUint16(m[4:], uint16(len(m)-40))
+		copy(m[8:24], from)
+		copy(m[24:40], pkt[8:24])
+		m[40] = 2
+		binary.BigEndian.PutUint32(m[44:], uint32(mtu))
+		copy(m[48:], quote)
+		sum := checksumAdd(checksumAdd(0, m[8:40]), m[40:]) + uint64(len(m)-40) + 58
+		binary.BigEndian.PutUint16(m[42:], ^checksumFold(sum))
+		return m
+	}
+	return nil
 }

@@ -409,6 +409,7 @@ func (c *sinkCarrier) WriteBatch(msgs []carrierMsg, to netip.AddrPort) error {
 	return nil
 }
 func (c *sinkCarrier) receiveBufferSize(n int) int { return n }
+func (c *sinkCarrier) pathMTU() int                { return 0 }
 func (c *sinkCarrier) LocalAddr() netip.AddrPort   { return netip.AddrPort{} }
 func (c *sinkCarrier) Close() error                { return nil }
 
@@ -430,5 +431,107 @@ func TestSendFramesLargerThanTheArena(t *testing.T) {
 	}
 	if tn.stats.txPackets.Load() != uint64(sink.datagrams) {
 		t.Fatalf("counted %d packets", tn.stats.txPackets.Load())
+	}
+}
+
+// TestParallelSealAndOpen: a large batch sealed by two cores gives byte for byte the
+// datagrams the one-core loop gives, in the same order; and opened by two cores, the same
+// inner packets come out, in order.
+func TestParallelSealAndOpen(t *testing.T) {
+	h, tmpl := tsoFrame(65535-52, 1388)
+	si, _ := katSessions(t, cipherAES256GCM, 1, 2, 0)
+	tn := newTunnel(testConfig("10.0.0.1", "10.0.0.2"), newLogger(io.Discard, "t", false), nil, nil, &sinkCarrier{}, "t", 0)
+	seal := func(parallel bool) []carrierMsg {
+		out := &outbound{t: tn, batch: outBatch{arena: make([]byte, outArenaSize)}, session: si, parallel: parallel}
+		if parallel {
+			out.helper = newCryptoHelper(out.sealJobs)
+			defer out.helper.stop()
+		}
+		if err := out.seg.split(&h, bytes.Clone(tmpl), out); err != nil {
+			t.Fatal(err)
+		}
+		if len(out.jobs) > 0 {
+			out.sealPending()
+		}
+		return out.batch.msgs
+	}
+	plain, par := seal(false), seal(true)
+	if len(plain) != len(par) {
+		t.Fatalf("%d messages sealed on one core, %d on two", len(plain), len(par))
+	}
+	for i := range plain {
+		if !bytes.Equal(plain[i].buf, par[i].buf) || plain[i].segSize != par[i].segSize {
+			t.Fatalf("message %d differs between one core and two", i)
+		}
+	}
+	// Open them: one core, then two.
+	var want [][]byte
+	for _, parallel := range []bool{false, true} {
+		in := &inbound{t: tn, jobs: make([]openJob, 0, 128)}
+		tn.keys.clear()
+		_, fresh := katSessions(t, cipherAES256GCM, 1, 2, 0) // the same keys, a fresh replay window
+		fresh.created = time.Now()
+		tn.keys.rotate(fresh)
+		if parallel {
+			in.helper = newCryptoHelper(in.openJobs)
+			defer in.helper.stop()
+		}
+		msgs := make([]carrierMsg, len(par))
+		for i, m := range par {
+			msgs[i] = carrierMsg{buf: bytes.Clone(m.buf), n: len(m.buf), segSize: m.segSize}
+		}
+		pkts := in.receive(msgs, nil)
+		if len(pkts) != 48 {
+			t.Fatalf("parallel=%v: %d inner packets, want 48", parallel, len(pkts))
+		}
+		if !parallel {
+			for _, p := range pkts {
+				want = append(want, bytes.Clone(p.pkt))
+			}
+			continue
+		}
+		for i, p := range pkts {
+			if !bytes.Equal(p.pkt, want[i]) {
+				t.Fatalf("inner packet %d differs between one core and two", i)
+			}
+		}
+	}
+}
+
+// TestICMPTooBig checks the messages sent back for packets that do not fit: well-formed
+// with valid checksums, from our tunnel address, quoting the packet, naming the MTU; and
+// none for ICMP errors.
+func TestICMPTooBig(t *testing.T) {
+	_, tcp4 := tsoFrame(1400, 1388)
+	m := icmpTooBig(make([]byte, 0, icmpTooBigMax), tcp4, 1240, netip.MustParseAddr("10.0.0.9"))
+	if len(m) != 20+8+20+8 || checksumFold(checksumAdd(0, m[:20])) != 0xffff ||
+		checksumFold(checksumAdd(0, m[20:])) != 0xffff {
+		t.Fatalf("ICMPv4 message %x: bad length or checksum", m)
+	}
+	if m[9] != 1 || m[20] != 3 || m[21] != 4 || binary.BigEndian.Uint16(m[26:]) != 1240 ||
+		!bytes.Equal(m[12:16], []byte{10, 0, 0, 9}) || !bytes.Equal(m[16:20], tcp4[12:16]) ||
+		!bytes.Equal(m[28:], tcp4[:28]) {
+		t.Fatalf("ICMPv4 message %x: wrong fields", m)
+	}
+	_, tcp6 := tcp6Frame(1400, 1368)
+	m = icmpTooBig(make([]byte, 0, icmpTooBigMax), tcp6, 1280, netip.MustParseAddr("fd00::9"))
+	sum := checksumAdd(checksumAdd(0, m[8:40]), m[40:]) + uint64(len(m)-40) + 58
+	if len(m) != icmpTooBigMax || checksumFold(sum) != 0xffff || m[6] != 58 || m[40] != 2 ||
+		binary.BigEndian.Uint32(m[44:]) != 1280 || !bytes.Equal(m[24:40], tcp6[8:24]) || !bytes.Equal(m[48:], tcp6[:icmpTooBigMax-48]) {
+		t.Fatalf("ICMPv6 message: wrong fields or checksum")
+	}
+	// The source falls back to the packet's destination when ptpaddr is of the other version.
+	m = icmpTooBig(make([]byte, 0, icmpTooBigMax), tcp4, 1240, netip.MustParseAddr("fd00::9"))
+	if !bytes.Equal(m[12:16], tcp4[16:20]) {
+		t.Fatalf("source %v, want the packet's destination", m[12:16])
+	}
+	// An ICMP error is never answered; an echo request is.
+	unreachable := tuntestPing()
+	unreachable[20] = 3
+	if icmpTooBig(make([]byte, 0, icmpTooBigMax), unreachable, 1240, netip.Addr{}) != nil {
+		t.Fatal("answered an ICMP error")
+	}
+	if icmpTooBig(make([]byte, 0, icmpTooBigMax), tuntestPing(), 1240, netip.Addr{}) == nil {
+		t.Fatal("did not answer an echo request")
 	}
 }

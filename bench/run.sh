@@ -124,21 +124,31 @@ wgB=wgB$$
 pids=()          # every background process started, stopped by PID on exit
 etc_netns=no     # whether we made /etc/netns/<ns>/cipe (only if /etc/cipe exists)
 
+ours() { # ours PID: whether PID is a living child of this script (not a reused PID)
+	local st
+	st=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+	st=${st##*) }
+	set -- $st
+	[ "$1" != Z ] && [ "$2" = $$ ]
+}
 stop_pid() { # stop_pid PID: SIGTERM, up to 5 s, then SIGKILL; reap it
 	local pid=$1 i
-	kill -0 "$pid" 2>/dev/null || { wait "$pid" 2>/dev/null; return 0; }
+	ours "$pid" || { wait "$pid" 2>/dev/null; return 0; }
 	kill -TERM "$pid" 2>/dev/null
 	for i in $(seq 50); do
-		kill -0 "$pid" 2>/dev/null || break
+		ours "$pid" || break
 		sleep 0.1
 	done
-	kill -0 "$pid" 2>/dev/null && { log "PID $pid ignored SIGTERM; killing it"; kill -KILL "$pid" 2>/dev/null; }
+	ours "$pid" && { log "PID $pid ignored SIGTERM; killing it"; kill -KILL "$pid" 2>/dev/null; }
 	wait "$pid" 2>/dev/null
 	return 0
 }
 fgpid=""        # the long-running command run_fg is waiting for
-run_fg() { # run a command in the background and wait for it: a signal's trap then runs at once
-	"$@" &
+run_fg() { # run_fg OUT CMD...: run CMD (output to OUT) in the background and wait for it,
+	# so that a signal's trap runs at once (and its messages do not go to OUT)
+	local out=$1
+	shift
+	"$@" >"$out" 2>&1 &
 	fgpid=$!
 	wait "$fgpid"
 	local rc=$?
@@ -176,7 +186,8 @@ snap_mod() { cat go.mod go.sum 2>/dev/null | sha256sum; }
 mod_before=$(snap_mod)
 
 commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
-git diff --quiet HEAD -- 2>/dev/null || commit+="-dirty"
+# Dirty: changed tracked files, or untracked ones (an untracked .go file is built too).
+[ -z "$(git status --porcelain 2>/dev/null)" ] || commit+="-dirty"
 ciped_version="not built: no ciped system selected"
 if has ciped; then
 	log "building ciped"
@@ -371,15 +382,43 @@ cpu_ticks() { # utime+stime of a PID (fields 14 and 15; the comm field may hold 
 	awk '{print $12 + $13}' <<<"$rest"
 }
 hwm_kb() { awk '/^VmHWM:/ {print $2}' "/proc/$1/status" 2>/dev/null; }
-alive() { local p; for p in "$@"; do kill -0 "$p" 2>/dev/null || return 1; done; }
+tunnel_ticks() { # CPU ticks of both tunnel processes together (0 without a tunnel)
+	local a b
+	[ -n "$tunA" ] || { echo 0; return 0; }
+	a=$(cpu_ticks "$tunA") && b=$(cpu_ticks "$tunB") || return 1
+	echo $((a + b))
+}
+alive() { local p; for p in "$@"; do ours "$p" || return 1; done; }
 
-iperf() { # iperf STREAMS OUT.json: run the client in A against the server in B
-	run_fg timeout $((DURATION + 30)) ip netns exec "$nsA" iperf3 -c "$dst" -t "$DURATION" -P "$1" -J >"$2" 2>&1
-	local rc=$?
-	if [ $rc -ne 0 ] || ! jq -e '.end.sum_received.bytes > 0' "$2" >/dev/null 2>&1; then
-		log "iperf3 -P $1 to $dst failed (exit $rc): $(jq -r '.error // empty' "$2" 2>/dev/null || head -c 300 "$2")"
-		return 1
-	fi
+srvpid=""
+iperf_server() { # (re)start the iperf3 server in B unless it is running; wait until it listens
+	local i
+	[ -n "$srvpid" ] && ours "$srvpid" && return 0
+	[ -n "$srvpid" ] && log "the iperf3 server (PID $srvpid) is gone; starting another"
+	ip netns exec "$nsB" iperf3 -s -B "$dst" >>"$work/iperf-server.log" 2>&1 &
+	srvpid=$!
+	pids+=("$srvpid")
+	for i in $(seq 100); do
+		inB ss -Hltn 'sport = :5201' 2>/dev/null | grep -q . && return 0
+		sleep 0.05
+	done
+	log "the iperf3 server does not listen on $dst:5201"
+	return 1
+}
+iperf() { # iperf STREAMS OUT.json: run the client in A against the server in B; one retry
+	local try rc
+	for try in 1 2; do
+		iperf_server || return 1
+		cpu0=$(tunnel_ticks) || { log "a tunnel process is gone"; return 1; }
+		run_fg "$2" timeout $((DURATION + 30)) ip netns exec "$nsA" iperf3 -c "$dst" -t "$DURATION" -P "$1" -J
+		rc=$?
+		cpu1=$(tunnel_ticks) || { log "a tunnel process is gone"; return 1; }
+		jq -e '.end.sum_received.bytes > 0' "$2" >/dev/null 2>&1 && [ $rc -eq 0 ] && return 0
+		log "iperf3 -P $1 to $dst failed (exit $rc, try $try of 2): $(jq -r '.error // empty' "$2" 2>/dev/null || head -c 300 "$2")"
+		alive ${tunA:+"$tunA" "$tunB"} || return 1 # no use retrying without a tunnel
+		sleep 1
+	done
+	return 1
 }
 
 results=$work/results.tsv # system round metric value
@@ -389,7 +428,7 @@ failures=$work/failures.tsv # system round reason
 record() { printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" >>"$results"; }
 
 measure() { # measure SYSTEM ROUND
-	local sys=$1 round=$2 i out pa pb c0 c1 bytes
+	local sys=$1 round=$2 i out bytes
 	make_netns || { log "making the namespaces failed"; return 1; }
 	start_system "$sys" || return 1
 	# Let the tunnel come up: ping until it answers, bounded.
@@ -416,12 +455,9 @@ measure() { # measure SYSTEM ROUND
 		record "$sys" "$round" agreed "${seen:-?}"
 	fi
 
-	ip netns exec "$nsB" iperf3 -s -B "$dst" >"$work/iperf-server.log" 2>&1 &
-	pids+=($!)
-	for i in $(seq 100); do
-		inB ss -Hltn 'sport = :5201' 2>/dev/null | grep -q . && break
-		sleep 0.05
-	done
+	srvpid=""
+	: >"$work/iperf-server.log"
+	iperf_server || return 1
 
 	# RTT on the idle link (after a few warm-up pings).
 	inA ping -n -q -c 5 -i 0.02 "$dst" >/dev/null 2>&1
@@ -429,21 +465,13 @@ measure() { # measure SYSTEM ROUND
 	record "$sys" "$round" rtt "$(awk -F/ '/^(rtt|round-trip)/ {print $5}' <<<"$out")"
 	sleep 0.5
 
-	# TCP, one stream, with the tunnel processes' CPU time around it.
-	if [ -n "$tunA" ]; then
-		pa=$(cpu_ticks "$tunA") && pb=$(cpu_ticks "$tunB") || { log "$sys: tunnel process gone"; return 1; }
-		c0=$((pa + pb))
-	fi
+	# TCP, one stream; iperf reads the tunnel processes' CPU time right around it.
 	iperf 1 "$work/tcp1.json" || return 1
-	if [ -n "$tunA" ]; then
-		pa=$(cpu_ticks "$tunA") && pb=$(cpu_ticks "$tunB") || { log "$sys: tunnel process gone"; return 1; }
-		c1=$((pa + pb))
-	fi
 	record "$sys" "$round" tcp1 "$(jq -r '.end.sum_received.bits_per_second / 1e9 * 1000 | round / 1000' "$work/tcp1.json")"
 	record "$sys" "$round" retr1 "$(jq '.end.sum_sent.retransmits // 0' "$work/tcp1.json")"
 	if [ -n "$tunA" ]; then
 		bytes=$(jq '.end.sum_received.bytes' "$work/tcp1.json")
-		record "$sys" "$round" cpugb "$(awk -v t=$((c1 - c0)) -v hz="$hz" -v b="$bytes" 'BEGIN {printf "%.4f", (t / hz) / (b / 1e9)}')"
+		record "$sys" "$round" cpugb "$(awk -v t=$((cpu1 - cpu0)) -v hz="$hz" -v b="$bytes" 'BEGIN {printf "%.4f", (t / hz) / (b / 1e9)}')"
 	fi
 	sleep 1
 
