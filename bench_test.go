@@ -199,11 +199,16 @@ const benchWindow = 16
 
 func (p *benchPort) newFrameBatch() *frameBatch { return newFrameBatch(vnetReadFrames, vnetFrameSize) }
 
-func (p *benchPort) read(fb *frameBatch) error {
+func (p *benchPort) readNow(fb *frameBatch) error {
 	fb.frames = fb.frames[:0]
+	return nil
+}
+
+func (p *benchPort) read(fb *frameBatch, lock *sync.Mutex) error {
 	for {
 		select {
 		case <-p.closed:
+			lock.Lock()
 			return io.EOF
 		default:
 		}
@@ -214,8 +219,9 @@ func (p *benchPort) read(fb *frameBatch) error {
 		time.Sleep(20 * time.Microsecond)
 	}
 	p.issued.Add(1)
+	lock.Lock()
 	n := copy(fb.bufs[0], p.frame)
-	fb.frames = append(fb.frames, tunFrame{hdr: p.h, pkt: fb.bufs[0][:n]})
+	fb.frames = append(fb.frames[:0], tunFrame{hdr: p.h, pkt: fb.bufs[0][:n]})
 	return nil
 }
 

@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"sync"
 	"sync/atomic"
 	"syscall"
 	"unsafe"
@@ -44,12 +45,17 @@ func newFrameBatch(n, size int) *frameBatch {
 	return fb
 }
 
-// tunPort is the interface side of the data path. read is called by the outbound loop
-// only, write by the inbound loop only.
+// tunPort is the interface side of the data path. read and readNow share the outbound
+// state (the frame batch and what it is sealed into), guarded by one lock; write is called
+// by the inbound loop only.
 type tunPort interface {
 	// read blocks until a frame is ready, then reads the frames that are ready, as many
-	// as fb has buffers for, into fb.frames.
-	read(fb *frameBatch) error
+	// as fb has buffers for, into fb.frames. It takes lock to read, and returns with it
+	// held (also with an error): the caller processes the frames and unlocks.
+	read(fb *frameBatch, lock *sync.Mutex) error
+	// readNow reads, into fb.frames, the frames ready now, without waiting; a port that
+	// cannot read without waiting reads none. The caller holds the lock.
+	readNow(fb *frameBatch) error
 	// write hands inner packets to the kernel. It may change their bytes.
 	write(pkts []innerPacket) error
 	// newFrameBatch makes the buffers read needs.
@@ -73,11 +79,13 @@ type vnetPort struct {
 	raw      syscall.RawConn
 	coalesce atomic.Bool
 
-	// Read state, owned by the outbound loop; the netpoller callback is bound once, with
-	// its argument and result in fields, so that a read allocates nothing.
-	rcall  func(fd uintptr) bool
-	rbatch *frameBatch
-	rerr   error
+	// Read state, guarded by the outbound lock; the netpoller callbacks are bound once,
+	// with their arguments and results in fields, so that a read allocates nothing.
+	rcall   func(fd uintptr) bool
+	nowcall func(fd uintptr)
+	rbatch  *frameBatch
+	rlock   *sync.Mutex
+	rerr    error
 
 	// Write scratch, owned by the inbound loop, likewise.
 	iovs   [maxWriteIovecs]unix.Iovec
@@ -97,21 +105,32 @@ func newVnetPort(f *os.File, coalesce bool) (*vnetPort, error) {
 		return nil, err
 	}
 	p := &vnetPort{raw: raw}
-	p.rcall, p.wcall = p.readCall, p.writevCall
+	p.rcall, p.nowcall, p.wcall = p.readCall, p.readNowCall, p.writevCall
 	p.coalesce.Store(coalesce)
 	return p, nil
 }
 
 func (p *vnetPort) newFrameBatch() *frameBatch { return newFrameBatch(vnetReadFrames, vnetFrameSize) }
 
-func (p *vnetPort) read(fb *frameBatch) error {
-	fb.frames = fb.frames[:0]
-	p.rbatch, p.rerr = fb, nil
+func (p *vnetPort) read(fb *frameBatch, lock *sync.Mutex) error {
+	p.rbatch, p.rlock = fb, lock
 	err := p.raw.Read(p.rcall)
-	p.rbatch = nil
 	if err != nil {
+		lock.Lock() // read returns holding the lock, whatever happened
 		return err
 	}
+	return p.readResult(fb)
+}
+
+func (p *vnetPort) readNow(fb *frameBatch) error {
+	p.rbatch = fb
+	if err := p.raw.Control(p.nowcall); err != nil {
+		return err
+	}
+	return p.readResult(fb)
+}
+
+func (p *vnetPort) readResult(fb *frameBatch) error {
 	if p.rerr != nil && len(fb.frames) == 0 {
 		if errors.Is(p.rerr, unix.EBADFD) {
 			return os.ErrClosed
@@ -121,19 +140,33 @@ func (p *vnetPort) read(fb *frameBatch) error {
 	return nil
 }
 
-// readCall is read's netpoller callback: it reads frames until the device has no more
-// or the batch is full, and waits only if it got none.
+// readCall is read's netpoller callback: it takes the lock and reads what is ready; if
+// that is nothing it lets go of the lock and waits (the inbound loop may have read it
+// first, with readNow), else it returns holding the lock.
 func (p *vnetPort) readCall(fd uintptr) bool {
+	p.rlock.Lock()
+	p.readNowCall(fd)
+	if len(p.rbatch.frames) == 0 && p.rerr == nil {
+		p.rlock.Unlock()
+		return false
+	}
+	return true
+}
+
+// readNowCall reads frames until the device has no more, the batch is full or a read
+// fails (in p.rerr).
+func (p *vnetPort) readNowCall(fd uintptr) {
 	fb := p.rbatch
+	fb.frames, p.rerr = fb.frames[:0], nil
 	for len(fb.frames) < len(fb.bufs) {
 		buf := fb.bufs[len(fb.frames)]
 		n, err := unix.Read(int(fd), buf)
 		if err == unix.EAGAIN || err == unix.EINTR {
-			return len(fb.frames) > 0
+			return
 		}
 		if err != nil {
 			p.rerr = err
-			return true
+			return
 		}
 		if n < virtioNetHdrLen {
 			continue
@@ -142,7 +175,6 @@ func (p *vnetPort) readCall(fd uintptr) bool {
 		f.hdr.decode(buf)
 		fb.frames = append(fb.frames, f)
 	}
-	return true
 }
 
 // writev writes p.iovs[:n] as one packet.
@@ -275,9 +307,16 @@ type plainPort struct {
 
 func (p *plainPort) newFrameBatch() *frameBatch { return newFrameBatch(p.dev.BatchSize(), p.mtu) }
 
-func (p *plainPort) read(fb *frameBatch) error {
+// readNow reads nothing: a tun.Device has no read that does not wait.
+func (p *plainPort) readNow(fb *frameBatch) error {
 	fb.frames = fb.frames[:0]
+	return nil
+}
+
+func (p *plainPort) read(fb *frameBatch, lock *sync.Mutex) error {
 	n, err := p.dev.Read(fb.bufs, fb.sizes, 0)
+	lock.Lock()
+	fb.frames = fb.frames[:0]
 	for i := 0; i < n; i++ {
 		fb.frames = append(fb.frames, tunFrame{pkt: fb.bufs[i][:fb.sizes[i]]})
 	}

@@ -194,6 +194,7 @@ type tunnel struct {
 	log     *logger
 	tun     tun.Device // owns the device: events, MTU, close
 	port    tunPort    // reads and writes it
+	out     *outbound  // the outbound state, shared by the outbound loop and sendReady
 	conn    carrier
 	ifname  string
 	ifindex int // 0: do not configure the interface (in-process tests)
@@ -266,6 +267,13 @@ func newTunnel(cfg *config, log *logger, dev tun.Device, port tunPort, conn carr
 	if !cfg.dynamicPeer() {
 		p := cfg.peer
 		t.peer.Store(&p)
+	}
+	if port != nil {
+		t.out = &outbound{t: t, frames: port.newFrameBatch(), batch: outBatch{arena: make([]byte, outArenaSize)}}
+		if t.parallelCrypto {
+			t.out.helper = newCryptoHelper(t.out.sealJobs)
+			t.out.jobs = make([]sealJob, 0, outArenaSize/(dataOverhead+40))
+		}
 	}
 	if cfg.key != nil {
 		t.kx = &keyExchange{
@@ -409,6 +417,9 @@ func (o *outBatch) add(n int, ttl, tos uint8) []byte {
 // outbound is the state of the outbound loop; as the segmenter's sink it seals each
 // inner packet into the batch.
 type outbound struct {
+	mu     sync.Mutex  // guards all that follows: the outbound loop and sendReady share it
+	frames *frameBatch // what the last read gave
+
 	t       *tunnel
 	seg     segmenter
 	batch   outBatch
@@ -503,15 +514,16 @@ func framePackets(f *tunFrame) int {
 }
 
 func (t *tunnel) routineReadFromTUN() {
-	fb := t.port.newFrameBatch()
-	out := &outbound{t: t, batch: outBatch{arena: make([]byte, outArenaSize)}}
-	if t.parallelCrypto {
-		out.helper = newCryptoHelper(out.sealJobs)
-		out.jobs = make([]sealJob, 0, outArenaSize/(dataOverhead+40))
+	out := t.out
+	if out.helper != nil {
 		defer out.helper.stop()
 	}
 	for {
-		err := t.port.read(fb)
+		err := t.port.read(out.frames, &out.mu)
+		if err == nil {
+			t.sendFrames(out.frames.frames, out)
+		}
+		out.mu.Unlock()
 		if err != nil {
 			if t.stopping() {
 				return
@@ -523,9 +535,22 @@ func (t *tunnel) routineReadFromTUN() {
 			t.stats.tunErrors.Add(1)
 			t.log.limitedf(&t.limits.tun, "reading from the interface: %v", err)
 			time.Sleep(errorPause)
-			continue
 		}
-		t.sendFrames(fb.frames, out)
+	}
+}
+
+// sendReady sends, from the inbound loop, what the interface has ready right after a
+// write: the kernel answers some packets within the write itself (an echo reply, TCP
+// ACKs), and sending them at once spares a wake-up of the outbound loop. If the outbound
+// loop is busy, it is left to it.
+func (t *tunnel) sendReady() {
+	out := t.out
+	if !out.mu.TryLock() {
+		return
+	}
+	defer out.mu.Unlock()
+	if err := t.port.readNow(out.frames); err == nil && len(out.frames.frames) > 0 {
+		t.sendFrames(out.frames.frames, out)
 	}
 }
 
@@ -683,7 +708,9 @@ func (t *tunnel) routineReadFromCarrier() {
 		if len(pkts) == 0 {
 			continue
 		}
-		if err := t.port.write(pkts); err != nil {
+		err = t.port.write(pkts)
+		t.sendReady()
+		if err != nil {
 			var cf *errCoalesceFallback
 			if errors.As(err, &cf) {
 				t.log.Printf("%v", cf)

@@ -503,10 +503,19 @@ func TestTunnelDynamicPeerRestart(t *testing.T) {
 	b.restart(t)
 	a.send(t, numberedPing("10.0.0.1", "10.0.0.2", 1)) // lost: b has no session yet
 	waitFor(t, "the restarted end's link up", 20*time.Second, b.t.up.Load)
-	a.send(t, numberedPing("10.0.0.1", "10.0.0.2", 2))
-	for {
-		if got := b.receive(t); pingNumber(got) == 2 {
-			break
+	// a may still send under the old session until it sees the new one confirmed.
+	deadline := time.Now().Add(20 * time.Second)
+	for n := uint32(2); ; n++ {
+		if time.Now().After(deadline) {
+			t.Fatal("no ping got through after the restart")
+		}
+		a.send(t, numberedPing("10.0.0.1", "10.0.0.2", n))
+		select {
+		case p := <-b.tun.Inbound:
+			if pingNumber(p) >= 2 {
+				return
+			}
+		case <-time.After(200 * time.Millisecond):
 		}
 	}
 }

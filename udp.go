@@ -284,8 +284,7 @@ func (c *udpCarrier) ReadBatch(msgs []carrierMsg) (int, error) {
 		}
 	}
 	c.rn = n
-	err := c.raw.Read(c.rcall)
-	if err != nil {
+	if err := c.raw.Read(c.rcall); err != nil {
 		return 0, err
 	}
 	got, errno := c.rgot, c.rerrno

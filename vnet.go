@@ -320,10 +320,26 @@ type tcpRun struct {
 	bytes            int    // total length of the super-packet so far
 }
 
+// verifyToPartial checks the complete checksum of a TCP packet and, if it is right,
+// turns it into a partial one, so that the packet can join a coalesced run (as Linux GRO
+// does with packets it verified). It reports whether the packet is now partial.
+func verifyToPartial(p *innerPacket) bool {
+	if p.partial {
+		return true
+	}
+	if !checksumValid(p.pkt) {
+		return false
+	}
+	ipHdrLen, proto, csumOff, _ := l4Info(p.pkt)
+	setPartialChecksum(p.pkt, ipHdrLen, proto, csumOff)
+	p.partial = true
+	return true
+}
+
 // startRun reports whether p can begin a coalesced run and describes it.
 func startRun(p *innerPacket) (tcpRun, bool) {
 	ipHdrLen, proto, _, ok := l4Info(p.pkt)
-	if !ok || proto != ipProtoTCP || !p.partial {
+	if !ok || proto != ipProtoTCP {
 		return tcpRun{}, false
 	}
 	pkt := p.pkt
@@ -334,6 +350,9 @@ func startRun(p *innerPacket) (tcpRun, bool) {
 	thl := int(tcp[12]>>4) * 4
 	hdrLen := ipHdrLen + thl
 	if thl < 20 || hdrLen >= len(pkt) || tcp[13] != tcpFlagACK && tcp[13] != tcpFlagACK|tcpFlagPSH {
+		return tcpRun{}, false
+	}
+	if !verifyToPartial(p) {
 		return tcpRun{}, false
 	}
 	r := tcpRun{ipHdrLen: ipHdrLen, hdrLen: hdrLen, mss: len(pkt) - hdrLen, bytes: len(pkt)}
@@ -349,7 +368,7 @@ func startRun(p *innerPacket) (tcpRun, bool) {
 // the run's segment size (or less, which ends the run).
 func (r *tcpRun) extends(first, p *innerPacket) (ok, last bool) {
 	a, b := first.pkt, p.pkt
-	if !p.partial || len(b) <= r.hdrLen || len(b)-r.hdrLen > r.mss || r.bytes+len(b)-r.hdrLen > maxSuperPacket {
+	if len(b) <= r.hdrLen || len(b)-r.hdrLen > r.mss || r.bytes+len(b)-r.hdrLen > maxSuperPacket {
 		return false, false
 	}
 	if a[0]>>4 == 4 {
@@ -368,6 +387,9 @@ func (r *tcpRun) extends(first, p *innerPacket) (ok, last bool) {
 		string(tb[0:4]) != string(ta[0:4]) || string(tb[8:12]) != string(ta[8:12]) || // ports, ack
 		tb[13]&^tcpFlagPSH != tcpFlagACK || string(tb[14:16]) != string(ta[14:16]) || // flags, window
 		string(tb[18:]) != string(ta[18:]) { // urgent pointer, options (timestamps)
+		return false, false
+	}
+	if !verifyToPartial(p) {
 		return false, false
 	}
 	size := len(b) - r.hdrLen

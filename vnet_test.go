@@ -268,7 +268,18 @@ func TestCoalesceRefuses(t *testing.T) {
 		want   int // packets after coalescing
 	}{
 		{"all fine", func(p []innerPacket) {}, 1},
-		{"complete checksum", func(p []innerPacket) { p[2].partial = false }, 3},
+		{"complete checksum, verified", func(p []innerPacket) { completeChecksum(p[2].pkt); p[2].partial = false }, 1},
+		{"complete checksum, wrong", func(p []innerPacket) {
+			completeChecksum(p[2].pkt)
+			p[2].pkt[len(p[2].pkt)-1]++
+			p[2].partial = false
+		}, 3},
+		{"all complete", func(p []innerPacket) {
+			for i := range p {
+				completeChecksum(p[i].pkt)
+				p[i].partial = false
+			}
+		}, 1},
 		{"sequence gap", func(p []innerPacket) { p[2].pkt[20+7]++ }, 3},
 		{"other port", func(p []innerPacket) { p[2].pkt[20+1]++ }, 3},
 		{"IP ID gap", func(p []innerPacket) { p[2].pkt[5]++ }, 3},
