@@ -100,6 +100,7 @@ func newTestPair(tb testing.TB, adjust func(a, b *config), wrapA ...func(carrier
 		e.t = newTunnel(e.cfg, newLogger(w, "tun"+name, true), dev, &plainPort{dev: dev, mtu: e.cfg.mtu}, conn, "tun"+name, 0)
 	}
 	for _, e := range ends {
+		e.t.parallelCrypto = true // whatever the machine, exercise the two-core path too
 		e.t.start()
 		tb.Cleanup(e.t.close)
 	}
