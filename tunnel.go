@@ -60,6 +60,7 @@ const (
 	// throughput, 20% more CPU per GB).
 	parallelMinCores    = 4
 	icmpPerSecond       = 20               // ICMP "too big" messages we send at most
+	unreachableRetry    = time.Second      // retry of an initiation the carrier reported unreachable
 	groBatch            = 8                // messages (of up to 64 datagrams) per recvmmsg with GRO
 	outArenaSize        = 256 << 10        // bytes of sealed datagrams per sendmmsg
 	exchangeQueueSize   = 64               // key-exchange messages waiting for the control loop
@@ -222,6 +223,7 @@ type tunnel struct {
 	lastSent      atomic.Int64
 	lastReceived  atomic.Int64
 	carrierErrors atomic.Int64
+	unreachable   atomic.Bool  // the carrier reported an ICMP error since the last initiation
 	kx            *keyExchange // control loop only; nil with nokey
 
 	exchanges chan exchangeMsg
@@ -237,7 +239,7 @@ type tunnel struct {
 	ctlNonce  [12]byte
 	ctlMsg    [1]carrierMsg
 
-	limits  struct{ auth, exchange, malformed, plaintext, carrier, tun, icmp, pmtu rateLimit }
+	limits  struct{ auth, exchange, malformed, plaintext, carrier, congestion, tun, icmp, pmtu rateLimit }
 	icmpBuf [icmpTooBigMax]byte // the outbound loop's ICMP messages are built here
 
 	failed   chan error // receives why the tunnel cannot go on (the interface vanished)
@@ -266,7 +268,7 @@ func newTunnel(cfg *config, log *logger, dev tun.Device, port tunPort, conn carr
 		stop:   make(chan struct{}), ctlDone: make(chan struct{}), rekeyAfter: rekeyAfterPackets, epoch: time.Now(),
 		parallelCrypto: runtime.GOMAXPROCS(0) >= parallelMinCores}
 	for _, r := range []*rateLimit{&t.limits.auth, &t.limits.exchange, &t.limits.malformed, &t.limits.plaintext,
-		&t.limits.carrier, &t.limits.tun, &t.limits.pmtu} {
+		&t.limits.carrier, &t.limits.congestion, &t.limits.tun, &t.limits.pmtu} {
 		r.interval = logInterval
 	}
 	t.limits.icmp.interval = time.Second / icmpPerSecond
@@ -346,8 +348,17 @@ func (t *tunnel) usable(s *session, now time.Time) bool {
 // lastSent and lastReceived.
 func (t *tunnel) since(now time.Time) int64 { return int64(now.Sub(t.epoch)) }
 
-// noteCarrierError counts a failed send or an ICMP error reported by the carrier.
+// noteCarrierError counts what went wrong on the carrier: ICMP errors reported for our
+// datagrams and failed sends are maxerr's carrier errors; "packet too big" (path MTU
+// news) and "no buffer space" (a full queue on this host: congestion, the datagram is
+// dropped like any other congested one) are counted but are not.
 func (t *tunnel) noteCarrierError(err error) {
+	if joined, ok := err.(interface{ Unwrap() []error }); ok {
+		for _, e := range joined.Unwrap() {
+			t.noteCarrierError(e)
+		}
+		return
+	}
 	to := "the peer"
 	if p := t.peer.Load(); p != nil {
 		to = p.String()
@@ -356,16 +367,21 @@ func (t *tunnel) noteCarrierError(err error) {
 	var ue *unreachableError
 	if errors.As(err, &ue) {
 		n = ue.count
-		if errors.Is(ue.err, syscall.EMSGSIZE) {
-			// A smaller path MTU, not a peer that is gone: not one of maxerr's errors.
-			t.stats.carrierErrors.Add(uint64(n))
-			t.log.limitedf(&t.limits.carrier, "the carrier path to %s is too small for some packets: %v", to, ue.err)
-			return
-		}
 		err = ue.err
 	}
 	t.stats.carrierErrors.Add(uint64(n))
+	switch {
+	case errors.Is(err, syscall.EMSGSIZE):
+		t.log.limitedf(&t.limits.pmtu, "the carrier path to %s is too small for some packets: %v", to, err)
+		return
+	case errors.Is(err, syscall.ENOBUFS):
+		t.log.limitedf(&t.limits.congestion, "carrier: sending to %s: %v (congestion on this host; dropped)", to, err)
+		return
+	}
 	t.carrierErrors.Add(int64(n))
+	if ue != nil {
+		t.unreachable.Store(true)
+	}
 	times := "once"
 	if n > 1 {
 		times = fmt.Sprintf("%d times", n)
@@ -1050,11 +1066,19 @@ func (t *tunnel) tick(now time.Time) {
 }
 
 // initiate sends a new initiation to the address, unless one was sent less than tokxc
-// ago and is still waiting for its response.
+// ago and is still waiting for its response. If the carrier reported the last one
+// unreachable (the peer was not running yet), it retries after unreachableRetry already.
 func (t *tunnel) initiate(now time.Time, to netip.AddrPort) {
-	if p := t.kx.pending; p != nil && now.Sub(p.sentAt) < t.cfg.tokxc {
-		return
+	if p := t.kx.pending; p != nil {
+		wait := t.cfg.tokxc
+		if t.unreachable.Load() {
+			wait = min(wait, unreachableRetry)
+		}
+		if now.Sub(p.sentAt) < wait {
+			return
+		}
 	}
+	t.unreachable.Store(false)
 	msg, err := t.kx.initiate(now)
 	if err != nil {
 		t.log.Printf("cannot start a key exchange: %v", err)
