@@ -223,8 +223,11 @@ type tunnel struct {
 	lastSent      atomic.Int64
 	lastReceived  atomic.Int64
 	carrierErrors atomic.Int64
-	unreachable   atomic.Bool  // the carrier reported an ICMP error since the last initiation
-	kx            *keyExchange // control loop only; nil with nokey
+	unreachable   atomic.Bool // the carrier reported an ICMP error since the last initiation
+	// wallSkew is added to the wall clock the key exchange reads (its only use of the
+	// wall clock: timers run on the monotonic clock); tests jump it.
+	wallSkew atomic.Int64
+	kx       *keyExchange // control loop only; nil with nokey
 
 	exchanges chan exchangeMsg
 	events    chan tunnelEvent
@@ -283,7 +286,7 @@ func newTunnel(cfg *config, log *logger, dev tun.Device, port tunPort, conn carr
 		t.kx = &keyExchange{
 			cfg: exchangeConfig{secrets: deriveLinkSecrets(*cfg.key), ciphers: cfg.ciphers, mtu: cfg.mtu,
 				addr: cfg.ipaddr, expected: cfg.ptpaddr, tokxts: cfg.tokxts},
-			wallClock: time.Now,
+			wallClock: t.wallClock,
 			inUse:     t.keys.inUse,
 		}
 	}
@@ -343,6 +346,9 @@ func (t *tunnel) rejectAfter() time.Duration {
 func (t *tunnel) usable(s *session, now time.Time) bool {
 	return s != nil && now.Sub(s.created) < t.rejectAfter()
 }
+
+// wallClock is the wall clock of the key exchange's timestamps.
+func (t *tunnel) wallClock() time.Time { return time.Now().Add(time.Duration(t.wallSkew.Load())) }
 
 // since returns the monotonic time of now relative to the tunnel's epoch, as stored in
 // lastSent and lastReceived.
