@@ -378,7 +378,8 @@ func (t *tunnel) noteCarrierError(err error) {
 	t.stats.carrierErrors.Add(uint64(n))
 	switch {
 	case errors.Is(err, syscall.EMSGSIZE):
-		t.log.limitedf(&t.limits.pmtu, "the carrier path to %s is too small for some packets: %v", to, err)
+		// Path MTU news: what it means for inner packets is logged where it is acted on.
+		t.log.Debugf("carrier: sending to %s: %v (path MTU)", to, err)
 		return
 	case errors.Is(err, syscall.ENOBUFS):
 		t.log.limitedf(&t.limits.congestion, "carrier: sending to %s: %v (congestion on this host; dropped)", to, err)
