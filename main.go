@@ -53,12 +53,24 @@ func main() {
 	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr, systemOptionsPath, nil))
 }
 
+// signals are what run reacts to while a link runs: stop (SIGTERM, SIGINT) and report
+// (SIGUSR1, status to the log).
+type signals struct {
+	stop   <-chan struct{}
+	report <-chan struct{}
+}
+
 // exitRequest carries kong's request to exit (after --help or --version) out of Parse.
 type exitRequest struct{ code int }
 
 // run is the whole program: it parses the command line, then runs the chosen command.
 // stop, if not nil, replaces the termination signals (tests close it).
 func run(args []string, stdout, stderr io.Writer, systemOptions string, stop <-chan struct{}) (code int) {
+	return runWith(args, stdout, stderr, systemOptions, stop, statusDir)
+}
+
+// runWith is run with the directory of the status sockets given (tests use their own).
+func runWith(args []string, stdout, stderr io.Writer, systemOptions string, stop <-chan struct{}, runDir string) (code int) {
 	c := &cli{systemOptions: systemOptions, origins: map[string]string{}}
 	fail := func(code int, err error) int {
 		fmt.Fprintf(stderr, "ciped: error: %v\n", err)
@@ -97,6 +109,8 @@ func run(args []string, stdout, stderr io.Writer, systemOptions string, stop <-c
 		return fail(exitUsage, err)
 	}
 	switch ctx.Command() {
+	case "status <device>", "status":
+		return runStatus(stdout, stderr, runDir, c.Status.Device, c.Status.JSON)
 	case "genkey":
 		var k [linkKeySize]byte
 		if _, err := rand.Read(k[:]); err != nil {
@@ -109,10 +123,11 @@ func run(args []string, stdout, stderr io.Writer, systemOptions string, stop <-c
 		if err != nil {
 			return fail(exitUsage, err)
 		}
+		sig := signals{stop: stop}
 		if stop == nil {
-			stop = terminationSignals(stderr)
+			sig = watchSignals(stderr)
 		}
-		if err := runTunnel(cfg, stderr, stop); err != nil {
+		if err := runTunnel(cfg, stderr, sig, runDir); err != nil {
 			return fail(exitFailure, err)
 		}
 		return exitOK
@@ -138,27 +153,34 @@ func newParser(c *cli, stdout, stderr io.Writer) (*kong.Kong, error) {
 	)
 }
 
-// terminationSignals returns a channel closed by the first SIGTERM or SIGINT.
-func terminationSignals(stderr io.Writer) <-chan struct{} {
-	sigs := make(chan os.Signal, 1)
-	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP)
-	stop := make(chan struct{})
+// watchSignals turns SIGTERM and SIGINT into stop (closed by the first) and SIGUSR1 into
+// report; it ignores SIGHUP, saying so.
+func watchSignals(stderr io.Writer) signals {
+	sigs := make(chan os.Signal, 4)
+	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP, syscall.SIGUSR1)
+	stop, report := make(chan struct{}), make(chan struct{}, 1)
 	go func() {
 		for sig := range sigs {
-			if sig == syscall.SIGHUP {
+			switch sig {
+			case syscall.SIGHUP:
 				fmt.Fprintln(stderr, "ciped: SIGHUP ignored; restart ciped to change its options")
-				continue
+			case syscall.SIGUSR1:
+				select {
+				case report <- struct{}{}:
+				default:
+				}
+			default:
+				close(stop)
+				return
 			}
-			close(stop)
-			return
 		}
 	}()
-	return stop
+	return signals{stop: stop, report: report}
 }
 
-// runTunnel sets up the interface and the carrier, runs the link until stop is closed,
-// and takes everything down again.
-func runTunnel(cfg *config, stderr io.Writer, stop <-chan struct{}) error {
+// runTunnel sets up the interface and the carrier, runs the link until sig.stop is
+// closed, and takes everything down again. Its status is served under runDir.
+func runTunnel(cfg *config, stderr io.Writer, sig signals, runDir string) error {
 	log := newLogger(stderr, "ciped", cfg.debug)
 	var dev tun.Device
 	var err error
@@ -225,16 +247,39 @@ func runTunnel(cfg *config, stderr io.Writer, stop <-chan struct{}) error {
 		conn.LocalAddr(), peer)
 
 	t := newTunnel(cfg, log, dev, port, conn, name, index)
-	t.start()
-	var failure error
-	select {
-	case <-stop:
-	case failure = <-t.failed:
-		log.Printf("%v: shutting down", failure)
+	status, err := listenStatus(runDir, t)
+	if err != nil {
+		conn.Close()
+		dev.Close()
+		return fmt.Errorf("status socket: %w", err)
 	}
+	t.onLinkChange = func(s string) { notify(log, "STATUS="+s) }
+	t.start()
+	notify(log, "READY=1\nSTATUS=interface "+name+" configured, waiting for the peer")
+	var failure error
+	for failure == nil {
+		select {
+		case <-sig.stop:
+		case <-sig.report:
+			t.logStatus()
+			continue
+		case failure = <-t.failed:
+			log.Printf("%v: shutting down", failure)
+		}
+		break
+	}
+	notify(log, "STOPPING=1")
 	t.close()
+	status.close()
 	log.Printf("stopped: %s", t.stats.summary())
 	return failure
+}
+
+// notify tells systemd a state, logging (not failing) when that does not work.
+func notify(log *logger, state string) {
+	if err := sdNotify(state); err != nil {
+		log.Printf("cannot notify systemd: %v", err)
+	}
 }
 
 // Compile-time check that the real socket is a carrier.

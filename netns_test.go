@@ -196,9 +196,16 @@ type daemon struct {
 // the test ends, if it still runs; its log is shown if the test failed.
 func startDaemon(t *testing.T, name, ns string, args ...string) *daemon {
 	t.Helper()
+	return startDaemonEnv(t, name, ns, nil, args...)
+}
+
+// startDaemonEnv is startDaemon with variables added to the environment.
+func startDaemonEnv(t *testing.T, name, ns string, env []string, args ...string) *daemon {
+	t.Helper()
 	d := &daemon{name: name, log: &syncBuffer{}, done: make(chan struct{})}
 	// ip netns exec runs ciped in place of itself: the PID is ciped's.
 	d.cmd = exec.Command("ip", append([]string{"netns", "exec", ns, cipedBinary(t)}, args...)...)
+	d.cmd.Env = append(os.Environ(), env...)
 	d.cmd.Stdout, d.cmd.Stderr = d.log, d.log
 	if err := d.cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -214,11 +221,18 @@ func startDaemon(t *testing.T, name, ns string, args ...string) *daemon {
 		close(d.done)
 	}()
 	t.Cleanup(func() {
+		// SIGTERM first, so that it takes down its interface and status socket as in
+		// real life; SIGKILL if it does not go.
 		select {
 		case <-d.done:
 		default:
-			d.cmd.Process.Kill()
-			<-d.done
+			d.cmd.Process.Signal(syscall.SIGTERM)
+			select {
+			case <-d.done:
+			case <-time.After(10 * time.Second):
+				d.cmd.Process.Kill()
+				<-d.done
+			}
 		}
 		if t.Failed() {
 			t.Logf("log of %s (pid %d):\n%s", d.name, d.cmd.Process.Pid, d.log.String())

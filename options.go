@@ -150,13 +150,20 @@ type cli struct {
 
 	Opts runOptions `embed:""`
 
-	Run    struct{} `cmd:"" default:"withargs" hidden:"" help:"Run the tunnel (the default)."`
-	Genkey struct{} `cmd:"" help:"Print a new random key line for an options file."`
+	Run    struct{}  `cmd:"" default:"withargs" hidden:"" help:"Run the tunnel (the default)."`
+	Genkey struct{}  `cmd:"" help:"Print a new random key line for an options file."`
+	Status statusCmd `cmd:"" help:"Show the running links (all, or the one of DEVICE)."`
 
 	// Where the system-wide options file is; tests point it elsewhere.
 	systemOptions string
 	// Where each option's value came from, for error messages.
 	origins map[string]string
+}
+
+// statusCmd is `ciped status [DEVICE] [--json]`.
+type statusCmd struct {
+	Device string `arg:"" optional:"" help:"Interface name (default: every link)."`
+	JSON   bool   `name:"json" help:"Print JSON."`
 }
 
 // runOptions holds CIPE's options (and a few of ciped's own, after them).
@@ -285,7 +292,7 @@ func editDistance(a, b string) int {
 func rewriteArgs(args []string, names map[string]*kong.Flag) ([]string, map[string]string, error) {
 	out := make([]string, 0, len(args))
 	origins := map[string]string{}
-	commands := map[string]bool{"genkey": true, "run": true}
+	commands := map[string]bool{"genkey": true, "run": true, "status": true}
 	for i := 0; i < len(args); i++ {
 		arg := args[i]
 		switch {
@@ -302,6 +309,9 @@ func rewriteArgs(args []string, names map[string]*kong.Flag) ([]string, map[stri
 			continue
 		case commands[arg] && len(out) == 0:
 			out = append(out, arg)
+			if arg == "status" { // its words are its own: DEVICE, --json
+				return append(out, args[i+1:]...), origins, nil
+			}
 			continue
 		}
 		word := strings.TrimPrefix(arg, "--")

@@ -79,12 +79,15 @@ type vnetPort struct {
 	raw      syscall.RawConn
 	coalesce atomic.Bool
 
-	// Read state, guarded by the outbound lock; the netpoller callbacks are bound once,
-	// with their arguments and results in fields, so that a read allocates nothing.
+	// Read state. The netpoller callbacks are bound once, with their arguments and
+	// results in fields, so that a read allocates nothing. rbatch and rlock belong to the
+	// outbound loop (read); cur and rerr are written only under the outbound lock, by read
+	// and by readNow alike.
 	rcall   func(fd uintptr) bool
 	nowcall func(fd uintptr)
 	rbatch  *frameBatch
 	rlock   *sync.Mutex
+	cur     *frameBatch
 	rerr    error
 
 	// Write scratch, owned by the inbound loop, likewise.
@@ -105,7 +108,7 @@ func newVnetPort(f *os.File, coalesce bool) (*vnetPort, error) {
 		return nil, err
 	}
 	p := &vnetPort{raw: raw}
-	p.rcall, p.nowcall, p.wcall = p.readCall, p.readNowCall, p.writevCall
+	p.rcall, p.nowcall, p.wcall = p.readCall, p.readAvailable, p.writevCall
 	p.coalesce.Store(coalesce)
 	return p, nil
 }
@@ -123,7 +126,7 @@ func (p *vnetPort) read(fb *frameBatch, lock *sync.Mutex) error {
 }
 
 func (p *vnetPort) readNow(fb *frameBatch) error {
-	p.rbatch = fb
+	p.cur = fb // the caller holds the lock
 	if err := p.raw.Control(p.nowcall); err != nil {
 		return err
 	}
@@ -145,7 +148,8 @@ func (p *vnetPort) readResult(fb *frameBatch) error {
 // first, with readNow), else it returns holding the lock.
 func (p *vnetPort) readCall(fd uintptr) bool {
 	p.rlock.Lock()
-	p.readNowCall(fd)
+	p.cur = p.rbatch
+	p.readAvailable(fd)
 	if len(p.rbatch.frames) == 0 && p.rerr == nil {
 		p.rlock.Unlock()
 		return false
@@ -153,10 +157,10 @@ func (p *vnetPort) readCall(fd uintptr) bool {
 	return true
 }
 
-// readNowCall reads frames until the device has no more, the batch is full or a read
-// fails (in p.rerr).
-func (p *vnetPort) readNowCall(fd uintptr) {
-	fb := p.rbatch
+// readAvailable reads frames into p.cur until the device has no more, the batch is full
+// or a read fails (in p.rerr). The caller holds the outbound lock.
+func (p *vnetPort) readAvailable(fd uintptr) {
+	fb := p.cur
 	fb.frames, p.rerr = fb.frames[:0], nil
 	for len(fb.frames) < len(fb.bufs) {
 		buf := fb.bufs[len(fb.frames)]

@@ -43,6 +43,7 @@ import (
 	"os"
 	"runtime"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -234,6 +235,12 @@ type tunnel struct {
 	stats     stats
 	scripts   *scriptRunner
 
+	// What readers outside the control loop may know of the link (status), and a hook
+	// told of link changes (systemd's STATUS line).
+	viewMu       sync.Mutex
+	view         linkView
+	onLinkChange func(status string)
+
 	// Control loop state.
 	link      linkState
 	candidate netip.AddrPort // where the last valid initiation came from
@@ -294,6 +301,7 @@ func newTunnel(cfg *config, log *logger, dev tun.Device, port tunPort, conn carr
 	if cfg.ptpaddr.IsValid() {
 		p := cfg.ptpaddr
 		t.peerTunnelAddr.Store(&p)
+		t.view.ptp = p.String()
 	}
 	t.scripts = newScriptRunner(log)
 	return t
@@ -1213,6 +1221,9 @@ func (t *tunnel) setPeer(addr netip.AddrPort) {
 // sessionEstablished records a new current session and brings the link up if it was down.
 func (t *tunnel) sessionEstablished(s *session) {
 	t.stats.exchanges.Add(1)
+	t.viewMu.Lock()
+	t.view.lastExchange, t.view.cipher = time.Now(), s.suite.String()
+	t.viewMu.Unlock()
 	t.carrierErrors.Store(0)
 	t.lastReceived.Store(t.since(time.Now()))
 	role := "responder"
@@ -1303,8 +1314,13 @@ func (t *tunnel) linkUp(info exchangePayload) {
 	if cur := t.keys.current.Load(); cur != nil {
 		cipher = cur.suite.String()
 	}
-	t.link.env = []string{"CIPED_PEER=" + peer, "CIPED_CIPHER=" + cipher, "CIPED_MTU=" + strconv.Itoa(t.cfg.mtu)}
+	t.link.env = []string{"CIPED_PEER=" + peer, "CIPED_CIPHER=" + cipher, "CIPED_MTU=" + strconv.Itoa(t.cfg.mtu),
+		"CIPED_NETNS=" + strconv.FormatUint(netnsID(), 10)}
 	t.log.Printf("link up: peer %s, cipher %s", peer, cipher)
+	t.viewMu.Lock()
+	t.view.up, t.view.since, t.view.cipher, t.view.ptp = true, t.link.since, cipher, t.link.args[4]
+	t.viewMu.Unlock()
+	t.linkChanged(fmt.Sprintf("link up, peer %s, cipher %s", peer, cipher))
 	t.scripts.enqueue(scriptCall{name: "ip-up", path: t.cfg.ipup, args: t.link.args, env: t.link.env})
 }
 
@@ -1315,8 +1331,28 @@ func (t *tunnel) linkDown(reason string) {
 	t.link.up = false
 	t.up.Store(false)
 	t.log.Printf("link down: %s", reason)
+	t.viewMu.Lock()
+	t.view.up, t.view.since = false, time.Now()
+	t.viewMu.Unlock()
+	t.linkChanged("link down: " + reason)
 	env := append(append([]string(nil), t.link.env...), "CIPED_REASON="+reason)
 	t.scripts.enqueue(scriptCall{name: "ip-down", path: t.cfg.ipdown, args: t.link.args, env: env})
+}
+
+// linkChanged tells the hook, if any, of a change of the link.
+func (t *tunnel) linkChanged(status string) {
+	if t.onLinkChange != nil {
+		t.onLinkChange(status)
+	}
+}
+
+// logStatus writes the link's status to the log (on SIGUSR1).
+func (t *tunnel) logStatus() {
+	var b strings.Builder
+	formatStatus(&b, t.report(), netnsID())
+	for _, line := range strings.Split(strings.TrimSpace(b.String()), "\n") {
+		t.log.Printf("status: %s", strings.TrimSpace(line))
+	}
 }
 
 // setInterfacePeer replaces the interface address with one that names ptp as its peer.

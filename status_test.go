@@ -1,0 +1,202 @@
+package main
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// cipedStatus runs `ciped status ARGS` as a user would.
+func cipedStatus(t *testing.T, args ...string) (string, int) {
+	t.Helper()
+	cmd := exec.Command(cipedBinary(t), append([]string{"status"}, args...)...)
+	var out bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &out
+	err := cmd.Run()
+	code := 0
+	if ee, ok := err.(*exec.ExitError); ok {
+		code = ee.ExitCode()
+	} else if err != nil {
+		t.Fatal(err)
+	}
+	return out.String(), code
+}
+
+// TestE2EStatus: `ciped status` shows every running link, two of them in two namespaces
+// with the same interface name among them, without their colliding under /run; --json
+// carries the counters; the sockets are root-only and go away with the links; SIGUSR1
+// writes the status to the log.
+func TestE2EStatus(t *testing.T) {
+	requireRoot(t)
+	l1, l2 := &link{}, &link{}
+	l1.start(t, false)
+	l2.start(t, false)
+	l1.waitUp(t)
+	l2.waitUp(t)
+	if got := ping(t, l1.ns.a, e2eTunnelB, 3, "0.1"); got != 3 {
+		t.Fatalf("ping: %d of 3", got)
+	}
+	var reports []statusReport
+	out, code := cipedStatus(t, "cipcb0", "--json")
+	if code != 0 {
+		t.Fatalf("status: exit %d\n%s", code, out)
+	}
+	if err := json.Unmarshal([]byte(out), &reports); err != nil {
+		t.Fatalf("status --json: %v\n%s", err, out)
+	}
+	mine := map[int]statusReport{}
+	for _, r := range reports {
+		mine[r.PID] = r
+	}
+	netnses := map[uint64]bool{}
+	for _, d := range []*daemon{l1.a, l1.b, l2.a, l2.b} {
+		r, ok := mine[d.pid()]
+		if !ok {
+			t.Fatalf("no status of %s (pid %d) in:\n%s", d.name, d.pid(), out)
+		}
+		if r.Interface != "cipcb0" || r.Link != "up" || r.Cipher == "" || r.Peer == "" || r.KeyExchanges < 1 {
+			t.Errorf("status of %s: %+v", d.name, r)
+		}
+		netnses[r.Netns] = true
+		path := statusSocketPath(statusDir, "cipcb0")
+		path = strings.Replace(path, fmt.Sprint(netnsID()), fmt.Sprint(r.Netns), 1)
+		info, err := os.Stat(path)
+		if err != nil || info.Mode().Perm() != 0o600 || info.Mode()&os.ModeSocket == 0 {
+			t.Errorf("status socket %s: %v, %v", path, info.Mode(), err)
+		}
+	}
+	if len(netnses) != 4 {
+		t.Errorf("four links in four namespaces reported %d namespaces", len(netnses))
+	}
+	if r := mine[l1.a.pid()]; r.Sent.Packets < 3 || r.Received.Packets < 3 {
+		t.Errorf("a's counters after 3 pings: %+v", r)
+	}
+	if info, err := os.Stat(statusDir); err != nil || info.Mode().Perm() != 0o700 {
+		t.Errorf("%s: %v %v", statusDir, info.Mode(), err)
+	}
+	out, code = cipedStatus(t)
+	if code != 0 || strings.Count(out, "cipcb0 (pid") < 4 || !strings.Contains(out, "link up since") ||
+		!strings.Contains(out, "network namespace") {
+		t.Errorf("ciped status (exit %d):\n%s", code, out)
+	}
+	if out, code := cipedStatus(t, "nosuchdev"); code != 1 || !strings.Contains(out, `no ciped is running on "nosuchdev"`) {
+		t.Errorf("status of a device that has no link: exit %d, %q", code, out)
+	}
+
+	// A client that connects and does not read, many of them, does not stop others.
+	var idle []net.Conn
+	for i := 0; i < 50; i++ {
+		path := strings.Replace(statusSocketPath(statusDir, "cipcb0"), fmt.Sprint(netnsID()), fmt.Sprint(mine[l1.a.pid()].Netns), 1)
+		c, err := net.Dial("unix", path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		idle = append(idle, c)
+	}
+	waitFor(t, "status despite idle clients", linkBound, func() bool {
+		out, code := cipedStatus(t, "cipcb0", "--json")
+		return code == 0 && strings.Contains(out, fmt.Sprintf(`"pid": %d`, l1.a.pid()))
+	})
+	for _, c := range idle {
+		c.Close()
+	}
+
+	// SIGUSR1: the same, in the log.
+	if err := l1.a.cmd.Process.Signal(syscall.SIGUSR1); err != nil {
+		t.Fatal(err)
+	}
+	l1.a.waitLog(t, `status: cipcb0 \(pid \d+.*\): link up since`, linkBound)
+	l1.a.waitLog(t, `status: sent \d+ packets`, linkBound)
+
+	// Gone with the link.
+	path := strings.Replace(statusSocketPath(statusDir, "cipcb0"), fmt.Sprint(netnsID()), fmt.Sprint(mine[l1.a.pid()].Netns), 1)
+	l1.a.terminate(t)
+	if _, err := os.Stat(path); err == nil {
+		t.Errorf("%s outlived its link", path)
+	}
+}
+
+// TestE2ENotify: under systemd (NOTIFY_SOCKET set), ciped says READY=1 once the interface
+// is configured (not before), STATUS= as the link changes, STOPPING=1 at the end.
+func TestE2ENotify(t *testing.T) {
+	requireRoot(t)
+	dir := t.TempDir()
+	sock := filepath.Join(dir, "notify")
+	ln, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: sock, Net: "unixgram"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	msgs := make(chan string, 16)
+	go func() {
+		buf := make([]byte, 4096)
+		for {
+			n, err := ln.Read(buf)
+			if err != nil {
+				close(msgs)
+				return
+			}
+			msgs <- string(buf[:n])
+		}
+	}()
+	next := func(want string) string {
+		t.Helper()
+		select {
+		case m := <-msgs:
+			if !strings.Contains(m, want) {
+				t.Fatalf("notify message %q, want one with %q", m, want)
+			}
+			return m
+		case <-time.After(linkBound):
+			t.Fatalf("no notify message with %q", want)
+			return ""
+		}
+	}
+	ns := newNetnsPair(t, false)
+	a := startDaemonEnv(t, "ciped A", ns.a, []string{"NOTIFY_SOCKET=" + sock}, "-o", keyFile(t, dir, "k", testKey),
+		"me=198.18.0.1:6000", "peer=198.18.0.2:6000", "ipaddr="+e2eTunnelA, "ptpaddr="+e2eTunnelB)
+	next("READY=1")
+	if addrs := mustRun(t, "ip", "-n", ns.a, "addr", "show", "dev", "cipcb0"); !strings.Contains(addrs, e2eTunnelA+" peer "+e2eTunnelB) ||
+		!strings.Contains(addrs, ",UP") {
+		t.Fatalf("READY=1 before the interface was configured:\n%s", addrs)
+	}
+	startDaemon(t, "ciped B", ns.b, "-o", keyFile(t, dir, "k2", testKey), "me=198.18.0.2:6000",
+		"peer=198.18.0.1:6000", "ipaddr="+e2eTunnelB, "ptpaddr="+e2eTunnelA)
+	next("STATUS=link up, peer 198.18.0.2:6000")
+	a.terminate(t)
+	next("STOPPING=1")
+}
+
+// TestNotifyMessage: one datagram to $NOTIFY_SOCKET, also an abstract one (@name); none
+// without the variable.
+func TestNotifyMessage(t *testing.T) {
+	for _, name := range []string{filepath.Join(t.TempDir(), "n"), fmt.Sprintf("@ciped-test-%d", os.Getpid())} {
+		ln, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: name, Net: "unixgram"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Setenv("NOTIFY_SOCKET", name)
+		if err := sdNotify("READY=1\nSTATUS=x"); err != nil {
+			t.Fatal(err)
+		}
+		ln.SetReadDeadline(time.Now().Add(10 * time.Second))
+		buf := make([]byte, 100)
+		n, err := ln.Read(buf)
+		if err != nil || string(buf[:n]) != "READY=1\nSTATUS=x" {
+			t.Fatalf("%s: got %q, %v", name, buf[:n], err)
+		}
+		ln.Close()
+	}
+	t.Setenv("NOTIFY_SOCKET", "")
+	if err := sdNotify("READY=1"); err != nil {
+		t.Fatalf("without NOTIFY_SOCKET: %v", err)
+	}
+}
