@@ -548,12 +548,13 @@ func TestShippedScripts(t *testing.T) {
 	script := `set -e
 mount -t tmpfs none /run; mount -t tmpfs none /var/log
 ./ip-up cipcb9 198.18.0.1:6789 4242 10.99.0.1 10.99.0.2 site-b
-test "$(cat /run/cipcb9.pid)" = 4242
+test "$(cat /run/cipe/cipcb9-77.pid)" = 4242
 ./ip-down cipcb9 198.18.0.1:6789 4242 10.99.0.1 10.99.0.2 site-b
-test ! -e /run/cipcb9.pid
+test ! -e /run/cipe/cipcb9-77.pid
 cat /var/log/ciped.log`
 	cmd := exec.Command("unshare", "-m", "--propagation", "private", "sh", "-c", script)
-	cmd.Env = append(os.Environ(), "CIPED_PEER=198.18.0.2:6789", "CIPED_CIPHER=AES-256-GCM", "CIPED_REASON=shutting down")
+	cmd.Env = append(os.Environ(), "CIPED_PEER=198.18.0.2:6789", "CIPED_CIPHER=AES-256-GCM", "CIPED_REASON=shutting down",
+		"CIPED_NETNS=77")
 	out, err := cmd.CombinedOutput()
 	if err != nil {
 		t.Fatalf("shipped scripts: %v\n%s", err, out)

@@ -3,6 +3,8 @@ package main
 import (
 	"fmt"
 	"io"
+	"log/syslog"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -75,4 +77,30 @@ func (l *logger) limitedf(r *rateLimit, format string, args ...any) {
 		msg += fmt.Sprintf(" (%d similar lines held back)", held)
 	}
 	l.Printf("%s", msg)
+}
+
+// syslogWriter sends each log line to syslog as one message (facility daemon, severity
+// info, tag "ciped"). network and addr name the syslog socket; empty means the
+// system's (/dev/log).
+type syslogWriter struct{ w *syslog.Writer }
+
+func newSyslogWriter(network, addr string) (*syslogWriter, error) {
+	var w *syslog.Writer
+	var err error
+	if addr == "" {
+		w, err = syslog.New(syslog.LOG_DAEMON|syslog.LOG_INFO, "ciped")
+	} else {
+		w, err = syslog.Dial(network, addr, syslog.LOG_DAEMON|syslog.LOG_INFO, "ciped")
+	}
+	if err != nil {
+		return nil, fmt.Errorf("syslog: %w", err)
+	}
+	return &syslogWriter{w: w}, nil
+}
+
+func (s *syslogWriter) Write(p []byte) (int, error) {
+	if err := s.w.Info(strings.TrimSuffix(string(p), "\n")); err != nil {
+		return 0, err
+	}
+	return len(p), nil
 }

@@ -181,7 +181,15 @@ func watchSignals(stderr io.Writer) signals {
 // runTunnel sets up the interface and the carrier, runs the link until sig.stop is
 // closed, and takes everything down again. Its status is served under runDir.
 func runTunnel(cfg *config, stderr io.Writer, sig signals, runDir string) error {
-	log := newLogger(stderr, "ciped", cfg.debug)
+	var logTo io.Writer = stderr
+	if cfg.syslog {
+		w, err := newSyslogWriter("", "")
+		if err != nil {
+			return err
+		}
+		logTo = w
+	}
+	log := newLogger(logTo, "ciped", cfg.debug)
 	var dev tun.Device
 	var err error
 	if cfg.tunOffload {

@@ -179,6 +179,7 @@ type runOptions struct {
 	Metric  number         `name:"metric" placeholder:"N" help:"Metric of the route to ptpaddr (default: the kernel's)."`
 	Device  string         `name:"device" placeholder:"NAME" help:"Interface name (default: the first free cipcbN)."`
 	Debug   bool           `name:"debug" help:"Log every event in detail."`
+	Syslog  bool           `name:"syslog" help:"Log to syslog (facility daemon) instead of stderr."`
 	Tokxc   seconds        `name:"tokxc" default:"10" placeholder:"SECONDS" help:"Key exchange retry interval (default 10)."`
 	Tokey   seconds        `name:"tokey" default:"600" placeholder:"SECONDS" help:"Session key lifetime (default 600)."`
 	Tokxts  seconds        `name:"tokxts" default:"0" placeholder:"SECONDS" help:"Key exchange timestamp window; 0 is off (default 0)."`
@@ -208,6 +209,7 @@ type config struct {
 	metric  int // -1: not set
 	device  string
 	debug   bool
+	syslog  bool
 	tokxc   time.Duration
 	tokey   time.Duration
 	tokxts  time.Duration
@@ -588,7 +590,7 @@ func (c *cli) config() (*config, error) {
 	r := &c.Opts
 	cfg := &config{
 		ipaddr: r.Ipaddr.Addr, ptpaddr: r.Ptpaddr.Addr, cttl: int(r.Cttl.v), metric: -1,
-		device: r.Device, debug: r.Debug, tokxc: r.Tokxc.Duration, tokey: r.Tokey.Duration,
+		device: r.Device, debug: r.Debug, syslog: r.Syslog, tokxc: r.Tokxc.Duration, tokey: r.Tokey.Duration,
 		tokxts: r.Tokxts.Duration, ping: r.Ping.Duration, toping: r.Toping.Duration, maxerr: 8,
 		ipup: r.Ipup, ipdown: r.Ipdown, arg: r.Arg,
 		tunOffload: r.Tunoffload, udpGSO: r.Udpgso, udpGRO: r.Udpgro,

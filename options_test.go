@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"net"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -400,4 +401,34 @@ func FuzzOptionsFile(f *testing.F) {
 		}
 		_, _ = checkOptions("f", opts, names) // must not panic
 	})
+}
+
+// TestSyslogWriter: with the syslog option each log line is one syslog message, facility
+// daemon, tag ciped.
+func TestSyslogWriter(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "log")
+	ln, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: path, Net: "unixgram"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	w, err := newSyslogWriter("unixgram", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	newLogger(w, "cipcb3", false).Printf("link up: peer %s", "198.18.0.2:6000")
+	ln.SetReadDeadline(time.Now().Add(10 * time.Second))
+	buf := make([]byte, 1024)
+	n, err := ln.Read(buf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// <30> is daemon (3) * 8 + info (6).
+	if msg := string(buf[:n]); !strings.HasPrefix(msg, "<30>") || !strings.Contains(msg, " ciped[") ||
+		!strings.HasSuffix(strings.TrimSpace(msg), "cipcb3: link up: peer 198.18.0.2:6000") {
+		t.Fatalf("syslog message %q", msg)
+	}
+	if _, err := newSyslogWriter("unixgram", filepath.Join(t.TempDir(), "none")); err == nil {
+		t.Fatal("a syslog socket nobody listens on was accepted")
+	}
 }
