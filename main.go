@@ -236,6 +236,16 @@ func runTunnel(cfg *config, stderr io.Writer, sig signals, runDir string) error 
 	for _, note := range notes {
 		log.Printf("%s", note)
 	}
+	var link carrier = conn
+	if cfg.socks.IsValid() {
+		sc, err := newSocksCarrier(conn, cfg.socks, cfg.peer.Addr(), carrierBatch, log)
+		if err != nil {
+			conn.Close()
+			dev.Close()
+			return err
+		}
+		link = sc
+	}
 	if cfg.cttl > 0 {
 		if err := conn.setTTL(cfg.cttl); err != nil {
 			conn.Close()
@@ -254,10 +264,10 @@ func runTunnel(cfg *config, stderr io.Writer, sig signals, runDir string) error 
 	log.Printf("%s, mtu %d, tunnel %s peer %s, carrier %s to %s", versionString(), cfg.mtu, cfg.ipaddr, ptp,
 		conn.LocalAddr(), peer)
 
-	t := newTunnel(cfg, log, dev, port, conn, name, index)
+	t := newTunnel(cfg, log, dev, port, link, name, index)
 	status, err := listenStatus(runDir, t)
 	if err != nil {
-		conn.Close()
+		link.Close()
 		dev.Close()
 		return fmt.Errorf("status socket: %w", err)
 	}

@@ -189,7 +189,7 @@ type runOptions struct {
 	Ipup    string         `name:"ipup" placeholder:"PATH" help:"Script run when the link comes up (default ${default_ipup})."`
 	Ipdown  string         `name:"ipdown" placeholder:"PATH" help:"Script run when the link goes down (default ${default_ipdown})."`
 	Arg     string         `name:"arg" placeholder:"STRING" help:"Extra argument for the scripts (their $$6)."`
-	Socks   string         `name:"socks" placeholder:"ADDR:PORT" help:"Reach the peer through this SOCKS5 server."`
+	Socks   endpointOption `name:"socks" placeholder:"ADDR:PORT" help:"Reach the peer through this SOCKS5 server (UDP ASSOCIATE)."`
 	Cipher  string         `name:"cipher" default:"auto" enum:"auto,aes-gcm,chacha20-poly1305" placeholder:"NAME" help:"Data cipher to offer: auto (AES-256-GCM only with AES hardware), aes-gcm, chacha20-poly1305."`
 
 	Tunoffload bool `name:"tunoffload" default:"true" help:"TUN offloads: the kernel hands over and takes back TCP/UDP super-packets (default yes)."`
@@ -220,6 +220,7 @@ type config struct {
 	ipdown  string
 	arg     string
 	ciphers cipherSuite
+	socks   netip.AddrPort // invalid: no proxy
 
 	tunOffload, udpGSO, udpGRO bool
 }
@@ -609,9 +610,6 @@ func (c *cli) config() (*config, error) {
 		k := r.Key.k
 		cfg.key = &k
 	}
-	if r.Socks != "" {
-		return nil, usagef("%s: SOCKS5 is not supported yet", c.origin("socks"))
-	}
 
 	if !r.Ipaddr.IsValid() {
 		return nil, usagef("ipaddr is required: the tunnel address of this end").withHint("e.g. ipaddr=10.0.0.1")
@@ -670,9 +668,29 @@ func (c *cli) config() (*config, error) {
 		cfg.me = netip.AddrPortFrom(netip.IPv6Unspecified(), 0)
 	}
 
+	if r.Socks.set {
+		if cfg.dynamicPeer() {
+			return nil, usagef("%s: through a SOCKS proxy the peer's address must be given", c.origin("socks")).
+				withHint("set peer=ADDR:PORT; the other end can take peer=0.0.0.0:0")
+		}
+		proxy, err := resolveEndpoint(r.Socks, familyOf(cfg.me.Addr()))
+		if err != nil {
+			return nil, usagef("%s: %v", c.origin("socks"), err)
+		}
+		if proxy.Addr().IsUnspecified() || proxy.Port() == 0 {
+			return nil, usagef("%s: %s is not a proxy address", c.origin("socks"), proxy)
+		}
+		cfg.socks = proxy
+		// Each datagram carries its own SOCKS header: no batches of one size for GSO and
+		// GRO to work on.
+		cfg.udpGSO, cfg.udpGRO = false, false
+	}
 	overhead := carrierIPv4Overhead
 	if cfg.me.Addr().Is6() {
 		overhead = carrierIPv6Overhead
+	}
+	if cfg.socks.IsValid() {
+		overhead += socksHeaderSize(cfg.peer.Addr()) // on the way to the relay
 	}
 	if r.Nokey {
 		cfg.mtu = carrierPathMTU - overhead

@@ -173,6 +173,11 @@ func TestDefaultMTU(t *testing.T) {
 	if err != nil || cfg.mtu != 1472 {
 		t.Errorf("nokey mtu: %v %v, want 1472", cfg, err)
 	}
+	// Through a SOCKS proxy each datagram carries a 10-byte header to the relay.
+	cfg, err = parseConfig(t, "", "peer=198.18.0.2:1", "ipaddr=10.0.0.1", "nokey", "socks=198.18.0.3:1080")
+	if err != nil || cfg.mtu != 1462 || cfg.udpGSO || cfg.udpGRO {
+		t.Errorf("nokey mtu through SOCKS: %+v %v, want 1462 and no GSO or GRO", cfg, err)
+	}
 }
 
 // TestBadInput runs the program as a user would: each mistake gets one error line (and
@@ -227,7 +232,8 @@ func TestBadInput(t *testing.T) {
 		{"script not executable", append(ok, "ipdown="+key), "is not an executable file"},
 		{"toping without ping", append(ok, "toping=10"), "toping needs ping"},
 		{"cipher", append(ok, "cipher=rot13"), `cipher: "rot13" is not one of auto, aes-gcm, chacha20-poly1305`},
-		{"socks", append(ok, "socks=198.18.0.3:1080"), "SOCKS5 is not supported yet"},
+		{"socks without a peer address", []string{"-o", key, "ipaddr=10.0.0.1", "peer=0.0.0.0:0", "socks=198.18.0.3:1080"}, "through a SOCKS proxy the peer's address must be given"},
+		{"socks malformed", append(ok, "socks=proxy"), `socks: "proxy" is not of the form ADDR:PORT`},
 		{"missing -o file", append([]string{"-o", filepath.Join(dir, "nope")}, baseArgs...), "no such file"},
 		{"option without value", append(ok, "mtu"), `option "mtu" needs a value: mtu=N`},
 	} {

@@ -138,16 +138,17 @@ type udpCarrier struct {
 	rerrno syscall.Errno
 
 	// Send scratch, guarded by wmu (held once per batch, not per packet).
-	wmu    sync.Mutex
-	whdrs  []mmsghdr
-	wiovs  []unix.Iovec
-	wcmsgs []byte
-	wmsg   []int // which message each mmsghdr sends
-	wname  unix.RawSockaddrInet6
-	wcall  func(fd uintptr) bool
-	wn     int
-	wdone  int
-	werrno syscall.Errno
+	wmu     sync.Mutex
+	whdrs   []mmsghdr
+	wiovs   []unix.Iovec
+	wcmsgs  []byte
+	wmsg    []int  // which message each mmsghdr sends
+	wprefix []byte // header sent in front of every datagram (SOCKS), or nil
+	wname   unix.RawSockaddrInet6
+	wcall   func(fd uintptr) bool
+	wn      int
+	wdone   int
+	werrno  syscall.Errno
 }
 
 // carrierOptions are the offload switches of the socket.
@@ -183,9 +184,9 @@ func newUDPCarrier(conn *net.UDPConn, opts carrierOptions) (*udpCarrier, []strin
 	}
 	local := conn.LocalAddr().(*net.UDPAddr).AddrPort()
 	c := &udpCarrier{conn: conn, raw: raw, ipv6: local.Addr().Is6() && !local.Addr().Is4In6(), local: local, created: time.Now(),
-		rhdrs: make([]mmsghdr, opts.batch), riovs: make([]unix.Iovec, opts.batch),
+		rhdrs: make([]mmsghdr, opts.batch), riovs: make([]unix.Iovec, 2*opts.batch),
 		rnames: make([]unix.RawSockaddrInet6, opts.batch), rcmsgs: make([]byte, opts.batch*cmsgRoom),
-		whdrs: make([]mmsghdr, writeSlots), wiovs: make([]unix.Iovec, writeSlots),
+		whdrs: make([]mmsghdr, writeSlots), wiovs: make([]unix.Iovec, 2*writeSlots),
 		wcmsgs: make([]byte, writeSlots*cmsgRoom), wmsg: make([]int, writeSlots)}
 	c.rcall, c.wcall = c.recvmmsgCall, c.sendmmsgCall
 	var notes []string
@@ -271,13 +272,28 @@ func (c *udpCarrier) setTTL(ttl int) error {
 }
 
 func (c *udpCarrier) ReadBatch(msgs []carrierMsg) (int, error) {
+	return c.readBatch(msgs, nil)
+}
+
+// readBatch is ReadBatch; with prefixes, each datagram's first len(prefixes[i]) bytes
+// go to prefixes[i] and the rest to msgs[i].buf (a datagram shorter than its prefix
+// gets n = -1).
+func (c *udpCarrier) readBatch(msgs []carrierMsg, prefixes [][]byte) (int, error) {
 	n := min(len(msgs), len(c.rhdrs))
 	for i := 0; i < n; i++ {
-		c.riovs[i] = unix.Iovec{Base: &msgs[i].buf[0]}
-		c.riovs[i].SetLen(len(msgs[i].buf))
+		iov := c.riovs[2*i : 2*i+2]
+		iovlen := 0
+		if prefixes != nil {
+			iov[0] = unix.Iovec{Base: &prefixes[i][0]}
+			iov[0].SetLen(len(prefixes[i]))
+			iovlen++
+		}
+		iov[iovlen] = unix.Iovec{Base: &msgs[i].buf[0]}
+		iov[iovlen].SetLen(len(msgs[i].buf))
+		iovlen++
 		c.rhdrs[i] = mmsghdr{hdr: unix.Msghdr{
 			Name: (*byte)(unsafe.Pointer(&c.rnames[i])), Namelen: unix.SizeofSockaddrInet6,
-			Iov: &c.riovs[i], Iovlen: 1}}
+			Iov: &iov[0], Iovlen: uint64(iovlen)}}
 		if c.gro {
 			c.rhdrs[i].hdr.Control = &c.rcmsgs[i*cmsgRoom]
 			c.rhdrs[i].hdr.SetControllen(cmsgRoom)
@@ -297,6 +313,12 @@ func (c *udpCarrier) ReadBatch(msgs []carrierMsg) (int, error) {
 	for i := 0; i < got; i++ {
 		m := &msgs[i]
 		m.n = int(c.rhdrs[i].len)
+		if prefixes != nil {
+			m.n -= len(prefixes[i])
+			if m.n < 0 {
+				m.n = -1
+			}
+		}
 		m.from = sockaddrToAddrPort(&c.rnames[i])
 		m.segSize = 0
 		if c.gro {
@@ -429,10 +451,18 @@ func (c *udpCarrier) fill(msgs []carrierMsg, from int, namelen uint32) (hdrs, do
 				segSize = m.segSize
 			}
 			k := hdrs + p
-			c.wiovs[k] = unix.Iovec{Base: &b[0]}
-			c.wiovs[k].SetLen(len(b))
+			iov := c.wiovs[2*k : 2*k+2]
+			iovlen := 0
+			if c.wprefix != nil {
+				iov[0] = unix.Iovec{Base: &c.wprefix[0]}
+				iov[0].SetLen(len(c.wprefix))
+				iovlen++
+			}
+			iov[iovlen] = unix.Iovec{Base: &b[0]}
+			iov[iovlen].SetLen(len(b))
+			iovlen++
 			c.whdrs[k] = mmsghdr{hdr: unix.Msghdr{
-				Name: (*byte)(unsafe.Pointer(&c.wname)), Namelen: namelen, Iov: &c.wiovs[k], Iovlen: 1}}
+				Name: (*byte)(unsafe.Pointer(&c.wname)), Namelen: namelen, Iov: &iov[0], Iovlen: uint64(iovlen)}}
 			if m.ttl != 0 || m.tos != 0 || segSize != 0 {
 				cm := c.wcmsgs[k*cmsgRoom : (k+1)*cmsgRoom]
 				c.whdrs[k].hdr.Control = &cm[0]
@@ -447,8 +477,16 @@ func (c *udpCarrier) fill(msgs []carrierMsg, from int, namelen uint32) (hdrs, do
 }
 
 func (c *udpCarrier) WriteBatch(msgs []carrierMsg, to netip.AddrPort) error {
+	return c.writeBatch(msgs, to, nil)
+}
+
+// writeBatch is WriteBatch; with a prefix, every datagram goes out behind it (a GSO
+// message cannot: it must be split, so GSO must be off).
+func (c *udpCarrier) writeBatch(msgs []carrierMsg, to netip.AddrPort, prefix []byte) error {
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
+	c.wprefix = prefix
+	defer func() { c.wprefix = nil }()
 	namelen, err := c.putSockaddr(&c.wname, to)
 	if err != nil {
 		return err
