@@ -156,6 +156,11 @@ func TestTunnelInProcess(t *testing.T) {
 				t.Fatalf("a received ping %d, want %d", pingNumber(got), i)
 			}
 		}
+		// A sender counts a packet when its send has returned, which may be after the
+		// receiver delivered it.
+		waitFor(t, "the counters to reach 50", 10*time.Second, func() bool {
+			return a.t.stats.rxPackets.Load() >= 50 && b.t.stats.txPackets.Load() >= 50
+		})
 		if a.t.stats.rxPackets.Load() != 50 || b.t.stats.txPackets.Load() != 50 {
 			t.Errorf("counters: a received %d, b sent %d", a.t.stats.rxPackets.Load(), b.t.stats.txPackets.Load())
 		}
