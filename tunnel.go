@@ -15,6 +15,9 @@ package main
 //     line up into GSO messages.
 //  4. carrier.WriteBatch sends the arena with one sendmmsg, a GSO message per run of
 //     datagrams: the kernel splits them late (or not at all across a veth).
+//  5. After a batch of one or two packets (a ping, a request), watchForAnswer polls the
+//     carrier for up to answerWatch and handles the answer itself, as the inbound loop
+//     would, sparing that loop's wake-up.
 //
 // Inbound, RoutineReadFromCarrier (one goroutine):
 //  1. carrier.ReadBatch fills a batch of buffers with recvmmsg; with UDP GRO each message
@@ -24,6 +27,12 @@ package main
 //     the replay window, and its inner packet joins the write batch, where it lies.
 //  3. tunPort.write coalesces consecutive TCP segments of one flow into super-packets and
 //     writes each with one writev: virtio header, first packet, the others' payloads.
+//  4. What the kernel answered within that write (an echo reply, TCP ACKs) is read and
+//     sent at once (sendNow), sparing the outbound loop's wake-up.
+//
+// The two loops lend each other a hand in steps 5 and 4 only when the other is idle: each
+// side's state has one lock (outbound.mu, tunnel.inMu), taken once per batch by its own
+// loop and tried, never waited for, by the other.
 //
 // Control, RoutineControl (one goroutine): key exchanges, timers, the link state and the
 // scripts. It owns the keyExchange and the link state. Sessions are published through the
@@ -31,8 +40,9 @@ package main
 // responder's new session, under the keyring's mutex, once per key exchange.
 //
 // Buffers: each loop allocates its buffers once and owns them for its whole life: the
-// outbound loop its frame buffers and send arena, the inbound loop its receive buffers.
-// Nothing is allocated, locked or sent over a channel per packet on either path.
+// outbound loop its frame buffers and send arena, the inbound loop its receive buffers
+// (and the answer watch has a few of its own). Nothing is allocated, locked or sent over
+// a channel per packet on either path.
 
 import (
 	"encoding/binary"
@@ -70,6 +80,18 @@ const (
 	minTick, maxTick    = 10 * time.Millisecond, time.Second
 	errorPause          = 10 * time.Millisecond // after an unexpected read error
 	exchangeMessageSize = initiationSize        // the larger of the two
+
+	// After the outbound loop sends a batch of at most answerWatchPackets packets, it
+	// watches the carrier for an answer for up to answerWatch, spinning, and handles the
+	// answer itself: that spares the wake-up of the inbound loop, a good part of a round
+	// trip's time. A watch that sees nothing stops the watching for a pause that starts at
+	// answerPauseMin and doubles with each such watch up to answerPauseMax (traffic that
+	// gets no answers costs at most answerWatch per answerPauseMax); an answer ends it.
+	answerWatch        = time.Millisecond
+	answerWatchPackets = 2
+	answerPauseMin     = 10 * time.Millisecond
+	answerPauseMax     = time.Second
+	receiveNowBatch    = 4 // messages per recvmmsg of a watch
 )
 
 // keyring holds the sessions of PROTOCOL.md §5. Readers load the pointers without a lock;
@@ -197,11 +219,17 @@ type tunnelEvent struct {
 // tunnel is one running link. Make one with newTunnel, start it with start, stop it
 // with close.
 type tunnel struct {
-	cfg     *config
-	log     *logger
-	tun     tun.Device // owns the device: events, MTU, close
-	port    tunPort    // reads and writes it
-	out     *outbound  // the outbound state, shared by the outbound loop and sendReady
+	cfg  *config
+	log  *logger
+	tun  tun.Device // owns the device: events, MTU, close
+	port tunPort    // reads and writes it
+	// The outbound state, held by the outbound loop while it reads and sends a batch, and
+	// by the inbound loop while it sends what a write to the interface called forth.
+	out *outbound
+	// The inbound state: held by the inbound loop from the moment a read finds something
+	// until the batch is written, and by the outbound loop while it watches for an answer.
+	inMu    sync.Mutex
+	watch   *answerWatcher // nil: the carrier cannot be watched
 	conn    carrier
 	ifname  string
 	ifindex int // 0: do not configure the interface (in-process tests)
@@ -312,6 +340,9 @@ func (t *tunnel) start() {
 	if t.parallelCrypto {
 		t.out.helper = newCryptoHelper(t.out.sealJobs)
 		t.out.jobs = make([]sealJob, 0, outArenaSize/(dataOverhead+40))
+	}
+	if rn, ok := t.conn.(nowReceiver); ok && t.out != nil {
+		t.watch = newAnswerWatcher(t, rn)
 	}
 	t.wg.Add(4)
 	go func() { defer t.wg.Done(); t.routineReadFromTUN() }()
@@ -454,7 +485,7 @@ func (o *outBatch) add(n int, ttl, tos uint8) []byte {
 // outbound is the state of the outbound loop; as the segmenter's sink it seals each
 // inner packet into the batch.
 type outbound struct {
-	mu     sync.Mutex  // guards all that follows: the outbound loop and sendReady share it
+	mu     sync.Mutex  // guards all that follows (see tunnel.out)
 	frames *frameBatch // what the last read gave
 
 	t       *tunnel
@@ -559,6 +590,9 @@ func (t *tunnel) routineReadFromTUN() {
 		err := t.port.read(out.frames, &out.mu)
 		if err == nil {
 			t.sendFrames(out.frames.frames, out)
+			if t.watch != nil && out.packets > 0 && out.packets <= answerWatchPackets {
+				t.watchForAnswer(out)
+			}
 		}
 		out.mu.Unlock()
 		if err != nil {
@@ -576,16 +610,8 @@ func (t *tunnel) routineReadFromTUN() {
 	}
 }
 
-// sendReady sends, from the inbound loop, what the interface has ready right after a
-// write: the kernel answers some packets within the write itself (an echo reply, TCP
-// ACKs), and sending them at once spares a wake-up of the outbound loop. If the outbound
-// loop is busy, it is left to it.
-func (t *tunnel) sendReady() {
-	out := t.out
-	if !out.mu.TryLock() {
-		return
-	}
-	defer out.mu.Unlock()
+// sendNow sends what the interface has ready now; the caller holds the outbound lock.
+func (t *tunnel) sendNow(out *outbound) {
 	if err := t.port.readNow(out.frames); err == nil && len(out.frames.frames) > 0 {
 		t.sendFrames(out.frames.frames, out)
 	}
@@ -725,38 +751,142 @@ func (t *tunnel) routineReadFromCarrier() {
 		in.helper = newCryptoHelper(in.openJobs)
 		defer in.helper.stop()
 	}
+	locked := false // whether ReadBatch returns holding t.inMu
+	if rn, ok := t.conn.(nowReceiver); ok && t.watch != nil {
+		rn.setReceiveLock(&t.inMu)
+		locked = true
+	}
 	for {
 		n, err := t.conn.ReadBatch(msgs)
+		if !locked {
+			t.inMu.Lock()
+		}
+		if err == nil {
+			pkts = in.receive(msgs[:n], pkts[:0])
+			if len(pkts) > 0 {
+				err = t.deliver(pkts, false)
+			}
+		}
+		t.inMu.Unlock()
 		if err != nil {
 			if errors.Is(err, net.ErrClosed) || t.stopping() {
 				return
 			}
-			var ue *unreachableError
-			if errors.As(err, &ue) {
-				t.noteCarrierError(err)
-				continue
+			if !t.receiveError(err) {
+				time.Sleep(errorPause)
 			}
-			t.stats.carrierErrors.Add(1)
-			t.log.limitedf(&t.limits.carrier, "receiving: %v", err)
-			time.Sleep(errorPause)
-			continue
 		}
-		pkts = in.receive(msgs[:n], pkts[:0])
-		if len(pkts) == 0 {
-			continue
+	}
+}
+
+// receiveError counts an error of a carrier read; it reports whether it was an expected
+// one (the network's report of datagrams that did not arrive).
+func (t *tunnel) receiveError(err error) (expected bool) {
+	var ue *unreachableError
+	if errors.As(err, &ue) {
+		t.noteCarrierError(err)
+		return true
+	}
+	t.stats.carrierErrors.Add(1)
+	t.log.limitedf(&t.limits.carrier, "receiving: %v", err)
+	return false
+}
+
+// deliver writes a batch of inner packets to the interface, and sends at once what the
+// kernel answered within the write (an echo reply, TCP ACKs): that spares a wake-up of
+// the outbound loop. holdingOut says whether the caller holds the outbound lock. A write
+// error is handled here; it returns nil unless the tunnel is stopping.
+func (t *tunnel) deliver(pkts []innerPacket, holdingOut bool) error {
+	err := t.port.write(pkts)
+	if holdingOut {
+		t.sendNow(t.out)
+	} else if t.out.mu.TryLock() { // if the outbound loop is busy, it is left to it
+		t.sendNow(t.out)
+		t.out.mu.Unlock()
+	}
+	if err != nil {
+		var cf *errCoalesceFallback
+		if errors.As(err, &cf) {
+			t.log.Printf("%v", cf)
 		}
-		err = t.port.write(pkts)
-		t.sendReady()
+		if t.stopping() {
+			return err
+		}
+		t.stats.tunErrors.Add(1)
+		t.log.limitedf(&t.limits.tun, "writing to the interface: %v", err)
+	}
+	return nil
+}
+
+// nowReceiver is a carrier that can be read without waiting by the holder of its
+// receive lock (udpCarrier).
+type nowReceiver interface {
+	setReceiveLock(lock *sync.Mutex)
+	readNow(msgs []carrierMsg) (int, error)
+}
+
+// answerWatcher is the outbound loop's means to receive an answer itself (see
+// answerWatch). Its buffers are used under t.inMu, the rest under the outbound lock.
+type answerWatcher struct {
+	conn       nowReceiver
+	msgs       []carrierMsg
+	pkts       []innerPacket
+	in         *inbound
+	pause      time.Duration // the pause after the next watch that sees nothing
+	pauseUntil time.Time
+}
+
+func newAnswerWatcher(t *tunnel, conn nowReceiver) *answerWatcher {
+	size := t.conn.receiveBufferSize(dataOverhead + t.cfg.mtu)
+	w := &answerWatcher{conn: conn, msgs: make([]carrierMsg, receiveNowBatch),
+		pkts:  make([]innerPacket, 0, receiveNowBatch*maxGSOSegments),
+		in:    &inbound{t: t, jobs: make([]openJob, 0, receiveNowBatch*maxGSOSegments)},
+		pause: answerPauseMin}
+	for i := range w.msgs {
+		w.msgs[i].buf = make([]byte, size)
+	}
+	return w
+}
+
+// watchForAnswer is called by the outbound loop, holding the outbound lock, after it
+// sent a small batch. Until answerWatch has passed it polls the carrier, and handles what
+// comes as the inbound loop would; meanwhile it sends what the interface has ready. It
+// returns when something came, when the inbound loop holds the inbound state (what comes
+// is then the inbound loop's), or when the time is up.
+func (t *tunnel) watchForAnswer(out *outbound) {
+	w := t.watch
+	now := time.Now()
+	if now.Before(w.pauseUntil) {
+		return
+	}
+	deadline := now.Add(answerWatch)
+	for {
+		if !t.inMu.TryLock() {
+			return
+		}
+		n, err := w.conn.readNow(w.msgs)
+		if n > 0 && err == nil {
+			w.pkts = w.in.receive(w.msgs[:n], w.pkts[:0])
+			if len(w.pkts) > 0 {
+				_ = t.deliver(w.pkts, true)
+			}
+		}
+		t.inMu.Unlock()
 		if err != nil {
-			var cf *errCoalesceFallback
-			if errors.As(err, &cf) {
-				t.log.Printf("%v", cf)
-			}
-			if t.stopping() {
-				return
-			}
-			t.stats.tunErrors.Add(1)
-			t.log.limitedf(&t.limits.tun, "writing to the interface: %v", err)
+			t.receiveError(err)
+			return
+		}
+		if n > 0 {
+			w.pause = answerPauseMin
+			return
+		}
+		if t.port.readNow(out.frames) == nil && len(out.frames.frames) > 0 {
+			t.sendFrames(out.frames.frames, out)
+		}
+		if now = time.Now(); now.After(deadline) {
+			w.pauseUntil = now.Add(w.pause)
+			w.pause = min(2*w.pause, answerPauseMax)
+			return
 		}
 	}
 }

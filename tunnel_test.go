@@ -12,6 +12,7 @@ import (
 	"runtime"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -553,4 +554,221 @@ func TestTunnelWallClockJump(t *testing.T) {
 	if n := a.t.stats.dropExchange.Load() + b.t.stats.dropExchange.Load() - refused; n != 0 {
 		t.Errorf("%d key-exchange messages refused across the jumps", n)
 	}
+}
+
+// scriptedCarrier answers readNow from a script, one entry per call: a datagram from
+// `from`, or nil for nothing ready (also when the script has run out); err, if set, is
+// returned instead by the next call.
+type scriptedCarrier struct {
+	sinkCarrier
+	script [][]byte
+	from   netip.AddrPort
+	err    error
+	reads  int
+}
+
+func (c *scriptedCarrier) setReceiveLock(*sync.Mutex) {}
+func (c *scriptedCarrier) readNow(msgs []carrierMsg) (int, error) {
+	c.reads++
+	if err := c.err; err != nil {
+		c.err = nil
+		return 0, err
+	}
+	if len(c.script) == 0 {
+		return 0, nil
+	}
+	d := c.script[0]
+	c.script = c.script[1:]
+	if d == nil {
+		return 0, nil
+	}
+	msgs[0].n, msgs[0].from, msgs[0].segSize = copy(msgs[0].buf, d), c.from, 0
+	return 1, nil
+}
+
+// recordingPort is an interface that keeps what is written to it (or, with discard, only
+// counts it) and has nothing to read.
+type recordingPort struct {
+	written [][]byte
+	discard bool
+	count   int
+}
+
+func (p *recordingPort) newFrameBatch() *frameBatch                  { return newFrameBatch(4, 2048) }
+func (p *recordingPort) read(fb *frameBatch, lock *sync.Mutex) error { select {} }
+func (p *recordingPort) readNow(fb *frameBatch) error {
+	fb.frames = fb.frames[:0]
+	return nil
+}
+func (p *recordingPort) inject([]byte) error { return nil }
+func (p *recordingPort) write(pkts []innerPacket) error {
+	p.count += len(pkts)
+	if p.discard {
+		return nil
+	}
+	for _, k := range pkts {
+		p.written = append(p.written, bytes.Clone(k.pkt))
+	}
+	return nil
+}
+
+// TestAnswerWatch: after a small send the outbound loop polls the carrier; an answer that
+// comes within answerWatch is delivered to the interface by it; a watch that sees nothing
+// gives up after answerWatch and pauses the watching, for twice as long each time up to
+// answerPauseMax, until an answer comes; a busy inbound loop ends the watch at once; a
+// carrier error is counted.
+func TestAnswerWatch(t *testing.T) {
+	cfg := testConfig("10.0.0.1", "10.0.0.2")
+	cfg.key = nil
+	cfg.peer = netip.MustParseAddrPort("127.0.0.1:9")
+	port := &recordingPort{}
+	conn := &scriptedCarrier{from: cfg.peer}
+	tn := newTunnel(cfg, newLogger(testLog{t: t, name: "watch"}, "watch", true), nil, port, conn, "watch", 0)
+	tn.watch = newAnswerWatcher(tn, conn)
+	w := tn.watch
+	watch := func() time.Duration {
+		tn.out.mu.Lock()
+		defer tn.out.mu.Unlock()
+		start := time.Now()
+		tn.watchForAnswer(tn.out)
+		return time.Since(start)
+	}
+
+	answer := numberedPing("10.0.0.2", "10.0.0.1", 1)
+	conn.script = [][]byte{nil, nil, answer}
+	watch()
+	if len(port.written) != 1 || !bytes.Equal(port.written[0], answer) || conn.reads != 3 {
+		t.Fatalf("answer on the third poll: %d reads, wrote %x", conn.reads, port.written)
+	}
+
+	// Nothing comes: the watch lasts answerWatch, then pauses grow.
+	for i, want := range []time.Duration{answerPauseMin, 2 * answerPauseMin, 4 * answerPauseMin} {
+		w.pauseUntil = time.Time{}
+		if took := watch(); took < answerWatch {
+			t.Fatalf("watch %d without an answer took %v, less than %v", i, took, answerWatch)
+		}
+		if left := time.Until(w.pauseUntil); left <= 0 || left > want {
+			t.Fatalf("watch %d: pause of %v, want at most %v", i, left, want)
+		}
+		if w.pause != 2*want {
+			t.Fatalf("watch %d: next pause %v, want %v", i, w.pause, 2*want)
+		}
+	}
+	reads := conn.reads
+	watch()
+	if conn.reads != reads {
+		t.Fatalf("a paused watch read the carrier %d times", conn.reads-reads)
+	}
+	for range 20 {
+		w.pauseUntil = time.Time{}
+		watch()
+	}
+	if w.pause != answerPauseMax {
+		t.Fatalf("pause grew to %v, want at most %v", w.pause, answerPauseMax)
+	}
+
+	// An answer ends the pauses.
+	w.pauseUntil = time.Time{}
+	conn.script = [][]byte{numberedPing("10.0.0.2", "10.0.0.1", 2)}
+	watch()
+	if len(port.written) != 2 || pingNumber(port.written[1]) != 2 || w.pause != answerPauseMin {
+		t.Fatalf("second answer: wrote %d packets, pause %v", len(port.written), w.pause)
+	}
+
+	// The inbound loop holds the inbound state: the watch leaves the carrier to it.
+	tn.inMu.Lock()
+	conn.script = [][]byte{numberedPing("10.0.0.2", "10.0.0.1", 3)}
+	reads = conn.reads
+	watch()
+	tn.inMu.Unlock()
+	if conn.reads != reads || len(port.written) != 2 {
+		t.Fatalf("a watch while the inbound loop works read %d times, wrote %d packets", conn.reads-reads, len(port.written))
+	}
+
+	// Catching an answer allocates nothing.
+	port.discard = true
+	script := make([][]byte, 1)
+	script[0] = answer
+	count := port.count
+	if allocs := testing.AllocsPerRun(100, func() {
+		conn.script = script
+		watch()
+	}); allocs != 0 || port.count != count+101 {
+		t.Fatalf("%v allocations per caught answer; %d answers delivered of 101", allocs, port.count-count)
+	}
+
+	// A carrier error ends the watch and is counted like the inbound loop's.
+	conn.script, conn.err = nil, &unreachableError{count: 3, err: syscall.ECONNREFUSED}
+	watch()
+	if got := tn.stats.carrierErrors.Load(); got != 3 {
+		t.Fatalf("carrier errors: %d, want 3", got)
+	}
+}
+
+// TestCarrierReceiveLock: with a receive lock, ReadBatch lets go of it while it waits and
+// returns holding it; readNow reads what is there without waiting, and nothing when
+// nothing is.
+func TestCarrierReceiveLock(t *testing.T) {
+	c, _, err := listenCarrier(netip.MustParseAddrPort("127.0.0.1:0"), carrierOptions{batch: carrierBatch, gro: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	var lock sync.Mutex
+	c.setReceiveLock(&lock)
+	msgs := make([]carrierMsg, receiveNowBatch)
+	for i := range msgs {
+		msgs[i].buf = make([]byte, c.receiveBufferSize(2000))
+	}
+	lock.Lock()
+	if n, err := c.readNow(msgs); n != 0 || err != nil {
+		t.Fatalf("readNow on an empty socket: %d, %v", n, err)
+	}
+	lock.Unlock()
+
+	sender := rawSender(t)
+	to := net.UDPAddrFromAddrPort(c.LocalAddr())
+	if _, err := sender.WriteToUDP([]byte("first"), to); err != nil {
+		t.Fatal(err)
+	}
+	lock.Lock()
+	var n int
+	waitFor(t, "readNow to see the datagram", 10*time.Second, func() bool {
+		n, err = c.readNow(msgs)
+		return n > 0 || err != nil
+	})
+	lock.Unlock()
+	if n != 1 || err != nil || string(msgs[0].buf[:msgs[0].n]) != "first" ||
+		msgs[0].from != sender.LocalAddr().(*net.UDPAddr).AddrPort() {
+		t.Fatalf("readNow: %d, %v, %q from %v", n, err, msgs[0].buf[:max(0, msgs[0].n)], msgs[0].from)
+	}
+
+	done := make(chan int)
+	go func() {
+		n, _ := c.ReadBatch(msgs)
+		done <- n
+	}()
+	// While ReadBatch waits, the lock is free (it is taken for each attempt to read).
+	waitFor(t, "the waiting ReadBatch to leave the lock free", 10*time.Second, func() bool {
+		if !lock.TryLock() {
+			return false
+		}
+		lock.Unlock()
+		return true
+	})
+	if _, err := sender.WriteToUDP([]byte("second"), to); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case n := <-done:
+		if n != 1 || string(msgs[0].buf[:msgs[0].n]) != "second" {
+			t.Fatalf("ReadBatch: %d, %q", n, msgs[0].buf[:max(0, msgs[0].n)])
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("ReadBatch did not return within 10 s")
+	}
+	if lock.TryLock() {
+		t.Fatal("ReadBatch returned without holding the receive lock")
+	}
+	lock.Unlock()
 }

@@ -125,17 +125,13 @@ type udpCarrier struct {
 	pmtu      atomic.Int32
 	pmtuUntil atomic.Int64
 
-	// Receive scratch, owned by the one goroutine in ReadBatch. The callback given to the
-	// netpoller is bound once, with its arguments and results in fields, so that a call
-	// allocates nothing.
-	rhdrs  []mmsghdr
-	riovs  []unix.Iovec
-	rnames []unix.RawSockaddrInet6
-	rcmsgs []byte
-	rcall  func(fd uintptr) bool
-	rn     int
-	rgot   int
-	rerrno syscall.Errno
+	// Receive scratch: recv is owned by the one goroutine in ReadBatch, recvNow by the
+	// holder of rlock in readNow.
+	recv, recvNow recvScratch
+	nowCall       func(fd uintptr) // readNow's callback, bound once
+	// rlock, if set, is taken by ReadBatch before each recvmmsg and held when it returns
+	// (see setReceiveLock).
+	rlock *sync.Mutex
 
 	// Send scratch, guarded by wmu (held once per batch, not per packet).
 	wmu     sync.Mutex
@@ -184,11 +180,10 @@ func newUDPCarrier(conn *net.UDPConn, opts carrierOptions) (*udpCarrier, []strin
 	}
 	local := conn.LocalAddr().(*net.UDPAddr).AddrPort()
 	c := &udpCarrier{conn: conn, raw: raw, ipv6: local.Addr().Is6() && !local.Addr().Is4In6(), local: local, created: time.Now(),
-		rhdrs: make([]mmsghdr, opts.batch), riovs: make([]unix.Iovec, 2*opts.batch),
-		rnames: make([]unix.RawSockaddrInet6, opts.batch), rcmsgs: make([]byte, opts.batch*cmsgRoom),
+		recv: newRecvScratch(opts.batch), recvNow: newRecvScratch(receiveNowBatch),
 		whdrs: make([]mmsghdr, writeSlots), wiovs: make([]unix.Iovec, 2*writeSlots),
 		wcmsgs: make([]byte, writeSlots*cmsgRoom), wmsg: make([]int, writeSlots)}
-	c.rcall, c.wcall = c.recvmmsgCall, c.sendmmsgCall
+	c.recv.call, c.nowCall, c.wcall = c.recvmmsgCall, c.recvmmsgNowCall, c.sendmmsgCall
 	var notes []string
 	var sockErr error
 	err = raw.Control(func(fd uintptr) {
@@ -275,13 +270,63 @@ func (c *udpCarrier) ReadBatch(msgs []carrierMsg) (int, error) {
 	return c.readBatch(msgs, nil)
 }
 
+// recvScratch is what one recvmmsg needs besides the buffers. The callback given to the
+// netpoller is bound once, with its arguments and results in fields, so that a call
+// allocates nothing.
+type recvScratch struct {
+	hdrs  []mmsghdr
+	iovs  []unix.Iovec
+	names []unix.RawSockaddrInet6
+	cmsgs []byte
+	call  func(fd uintptr) bool // the netpoller callback (ReadBatch's only)
+	n     int
+	got   int
+	errno syscall.Errno
+}
+
+func newRecvScratch(batch int) recvScratch {
+	return recvScratch{hdrs: make([]mmsghdr, batch), iovs: make([]unix.Iovec, 2*batch),
+		names: make([]unix.RawSockaddrInet6, batch), cmsgs: make([]byte, batch*cmsgRoom)}
+}
+
 // readBatch is ReadBatch; with prefixes, each datagram's first len(prefixes[i]) bytes
 // go to prefixes[i] and the rest to msgs[i].buf (a datagram shorter than its prefix
 // gets n = -1).
 func (c *udpCarrier) readBatch(msgs []carrierMsg, prefixes [][]byte) (int, error) {
-	n := min(len(msgs), len(c.rhdrs))
+	c.prepare(&c.recv, msgs, prefixes)
+	if err := c.raw.Read(c.recv.call); err != nil {
+		if c.rlock != nil {
+			c.rlock.Lock() // ReadBatch returns holding the lock, whatever happened
+		}
+		return 0, err
+	}
+	return c.results(&c.recv, msgs, prefixes)
+}
+
+// setReceiveLock makes ReadBatch take lock before each recvmmsg and return holding it;
+// if the recvmmsg finds nothing, ReadBatch lets go of the lock while it waits. The
+// holder of the lock may then call readNow. It must be called before the first
+// ReadBatch.
+func (c *udpCarrier) setReceiveLock(lock *sync.Mutex) { c.rlock = lock }
+
+// readNow is ReadBatch without waiting (at most receiveNowBatch messages): n is 0 if
+// nothing is there. The caller holds the receive lock.
+func (c *udpCarrier) readNow(msgs []carrierMsg) (int, error) {
+	c.prepare(&c.recvNow, msgs, nil)
+	if err := c.raw.Control(c.nowCall); err != nil {
+		return 0, err
+	}
+	if c.recvNow.got == 0 && c.recvNow.errno == 0 {
+		return 0, nil
+	}
+	return c.results(&c.recvNow, msgs, nil)
+}
+
+// prepare sets up r for a recvmmsg into msgs (and prefixes).
+func (c *udpCarrier) prepare(r *recvScratch, msgs []carrierMsg, prefixes [][]byte) {
+	n := min(len(msgs), len(r.hdrs))
 	for i := 0; i < n; i++ {
-		iov := c.riovs[2*i : 2*i+2]
+		iov := r.iovs[2*i : 2*i+2]
 		iovlen := 0
 		if prefixes != nil {
 			iov[0] = unix.Iovec{Base: &prefixes[i][0]}
@@ -291,19 +336,20 @@ func (c *udpCarrier) readBatch(msgs []carrierMsg, prefixes [][]byte) (int, error
 		iov[iovlen] = unix.Iovec{Base: &msgs[i].buf[0]}
 		iov[iovlen].SetLen(len(msgs[i].buf))
 		iovlen++
-		c.rhdrs[i] = mmsghdr{hdr: unix.Msghdr{
-			Name: (*byte)(unsafe.Pointer(&c.rnames[i])), Namelen: unix.SizeofSockaddrInet6,
+		r.hdrs[i] = mmsghdr{hdr: unix.Msghdr{
+			Name: (*byte)(unsafe.Pointer(&r.names[i])), Namelen: unix.SizeofSockaddrInet6,
 			Iov: &iov[0], Iovlen: uint64(iovlen)}}
 		if c.gro {
-			c.rhdrs[i].hdr.Control = &c.rcmsgs[i*cmsgRoom]
-			c.rhdrs[i].hdr.SetControllen(cmsgRoom)
+			r.hdrs[i].hdr.Control = &r.cmsgs[i*cmsgRoom]
+			r.hdrs[i].hdr.SetControllen(cmsgRoom)
 		}
 	}
-	c.rn = n
-	if err := c.raw.Read(c.rcall); err != nil {
-		return 0, err
-	}
-	got, errno := c.rgot, c.rerrno
+	r.n, r.got, r.errno = n, 0, 0
+}
+
+// results fills msgs from what the recvmmsg of r returned.
+func (c *udpCarrier) results(r *recvScratch, msgs []carrierMsg, prefixes [][]byte) (int, error) {
+	got, errno := r.got, r.errno
 	if icmpErrno(errno) {
 		return 0, c.drainErrors(errno)
 	}
@@ -312,31 +358,50 @@ func (c *udpCarrier) readBatch(msgs []carrierMsg, prefixes [][]byte) (int, error
 	}
 	for i := 0; i < got; i++ {
 		m := &msgs[i]
-		m.n = int(c.rhdrs[i].len)
+		m.n = int(r.hdrs[i].len)
 		if prefixes != nil {
 			m.n -= len(prefixes[i])
 			if m.n < 0 {
 				m.n = -1
 			}
 		}
-		m.from = sockaddrToAddrPort(&c.rnames[i])
+		m.from = sockaddrToAddrPort(&r.names[i])
 		m.segSize = 0
 		if c.gro {
-			m.segSize = groSegmentSize(c.rcmsgs[i*cmsgRoom : i*cmsgRoom+int(c.rhdrs[i].hdr.Controllen)])
+			m.segSize = groSegmentSize(r.cmsgs[i*cmsgRoom : i*cmsgRoom+int(r.hdrs[i].hdr.Controllen)])
 		}
 	}
 	return got, nil
 }
 
-// recvmmsgCall is ReadBatch's netpoller callback: one recvmmsg of c.rn messages.
+// recvmmsgCall is ReadBatch's netpoller callback: one recvmmsg of c.recv.n messages,
+// under the receive lock if there is one (kept if something came, else let go of).
 func (c *udpCarrier) recvmmsgCall(fd uintptr) bool {
-	r, _, e := unix.Syscall6(unix.SYS_RECVMMSG, fd, uintptr(unsafe.Pointer(&c.rhdrs[0])), uintptr(c.rn),
+	if c.rlock != nil {
+		c.rlock.Lock()
+	}
+	r := &c.recv
+	got, _, e := unix.Syscall6(unix.SYS_RECVMMSG, fd, uintptr(unsafe.Pointer(&r.hdrs[0])), uintptr(r.n),
 		unix.MSG_DONTWAIT, 0, 0)
 	if e == unix.EAGAIN || e == unix.EINTR {
+		if c.rlock != nil {
+			c.rlock.Unlock()
+		}
 		return false
 	}
-	c.rgot, c.rerrno = int(r), e
+	r.got, r.errno = int(got), e
 	return true
+}
+
+// recvmmsgNowCall is readNow's callback: one recvmmsg that does not wait.
+func (c *udpCarrier) recvmmsgNowCall(fd uintptr) {
+	r := &c.recvNow
+	got, _, e := unix.Syscall6(unix.SYS_RECVMMSG, fd, uintptr(unsafe.Pointer(&r.hdrs[0])), uintptr(r.n),
+		unix.MSG_DONTWAIT, 0, 0)
+	if e == unix.EAGAIN || e == unix.EINTR {
+		return
+	}
+	r.got, r.errno = int(got), e
 }
 
 // groSegmentSize finds the UDP_GRO control message of a received message: the size of
