@@ -199,6 +199,8 @@ const benchWindow = 16
 
 func (p *benchPort) newFrameBatch() *frameBatch { return newFrameBatch(vnetReadFrames, vnetFrameSize) }
 
+func (p *benchPort) readsNow() bool { return false }
+
 func (p *benchPort) readNow(fb *frameBatch) error {
 	fb.frames = fb.frames[:0]
 	return nil

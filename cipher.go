@@ -129,8 +129,8 @@ var (
 // A session is one set of data keys made by a key exchange (PROTOCOL.md §5).
 //
 // send and recv are safe for concurrent use. sendCounter is advanced atomically by
-// whoever sends. replay, recvMax and received are owned by the single goroutine that
-// receives data. All other fields are set before the session is published and never
+// whoever sends. replay, recvMax and received are used under the tunnel's inbound lock
+// (tunnel.inMu) only. All other fields are set before the session is published and never
 // change.
 type session struct {
 	send        cipher.AEAD

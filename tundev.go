@@ -47,7 +47,7 @@ func newFrameBatch(n, size int) *frameBatch {
 
 // tunPort is the interface side of the data path. read and readNow share the outbound
 // state (the frame batch and what it is sealed into), guarded by one lock; write is called
-// by the inbound loop only.
+// under the inbound lock (tunnel.inMu) only.
 type tunPort interface {
 	// read blocks until a frame is ready, then reads the frames that are ready, as many
 	// as fb has buffers for, into fb.frames. It takes lock to read, and returns with it
@@ -56,6 +56,8 @@ type tunPort interface {
 	// readNow reads, into fb.frames, the frames ready now, without waiting; a port that
 	// cannot read without waiting reads none. The caller holds the lock.
 	readNow(fb *frameBatch) error
+	// readsNow reports whether readNow can read anything at all.
+	readsNow() bool
 	// write hands inner packets to the kernel. It may change their bytes.
 	write(pkts []innerPacket) error
 	// newFrameBatch makes the buffers read needs.
@@ -90,7 +92,7 @@ type vnetPort struct {
 	cur     *frameBatch
 	rerr    error
 
-	// Write scratch, owned by the inbound loop, likewise.
+	// Write scratch, used under the inbound lock (tunnel.inMu), likewise.
 	iovs   [maxWriteIovecs]unix.Iovec
 	vhdr   [virtioNetHdrLen]byte
 	vhead  virtioNetHdr
@@ -124,6 +126,8 @@ func (p *vnetPort) read(fb *frameBatch, lock *sync.Mutex) error {
 	}
 	return p.readResult(fb)
 }
+
+func (p *vnetPort) readsNow() bool { return true }
 
 func (p *vnetPort) readNow(fb *frameBatch) error {
 	p.cur = fb // the caller holds the lock
@@ -306,7 +310,7 @@ func restoreFirst(pkt []byte, r *tcpRun) {
 type plainPort struct {
 	dev  tun.Device
 	mtu  int
-	bufs [][]byte // write scratch, owned by the inbound loop
+	bufs [][]byte // write scratch, used under the inbound lock (tunnel.inMu)
 }
 
 func (p *plainPort) newFrameBatch() *frameBatch { return newFrameBatch(p.dev.BatchSize(), p.mtu) }
@@ -316,6 +320,8 @@ func (p *plainPort) readNow(fb *frameBatch) error {
 	fb.frames = fb.frames[:0]
 	return nil
 }
+
+func (p *plainPort) readsNow() bool { return false }
 
 func (p *plainPort) read(fb *frameBatch, lock *sync.Mutex) error {
 	n, err := p.dev.Read(fb.bufs, fb.sizes, 0)

@@ -15,9 +15,9 @@ package main
 //     line up into GSO messages.
 //  4. carrier.WriteBatch sends the arena with one sendmmsg, a GSO message per run of
 //     datagrams: the kernel splits them late (or not at all across a veth).
-//  5. After a batch of one or two packets (a ping, a request), watchForAnswer polls the
-//     carrier for up to answerWatch and handles the answer itself, as the inbound loop
-//     would, sparing that loop's wake-up.
+//  5. After a batch of one or two packets (a ping, a request) on a link that has been
+//     quiet inbound, watchForAnswer polls the carrier for up to answerWatch and handles
+//     the answer itself, as the inbound loop would, sparing that loop's wake-up.
 //
 // Inbound, RoutineReadFromCarrier (one goroutine):
 //  1. carrier.ReadBatch fills a batch of buffers with recvmmsg; with UDP GRO each message
@@ -31,8 +31,9 @@ package main
 //     sent at once (sendNow), sparing the outbound loop's wake-up.
 //
 // The two loops lend each other a hand in steps 5 and 4 only when the other is idle: each
-// side's state has one lock (outbound.mu, tunnel.inMu), taken once per batch by its own
-// loop and tried, never waited for, by the other.
+// side's state has one lock (outbound.mu, tunnel.inMu), taken by its own loop for each
+// read (and held through the batch) and only tried by the other. The one wait across
+// loops: the inbound loop, woken by a datagram, waits while a watch handles it.
 //
 // Control, RoutineControl (one goroutine): key exchanges, timers, the link state and the
 // scripts. It owns the keyExchange and the link state. Sessions are published through the
@@ -81,14 +82,16 @@ const (
 	errorPause          = 10 * time.Millisecond // after an unexpected read error
 	exchangeMessageSize = initiationSize        // the larger of the two
 
-	// After the outbound loop sends a batch of at most answerWatchPackets packets, it
-	// watches the carrier for an answer for up to answerWatch, spinning, and handles the
-	// answer itself: that spares the wake-up of the inbound loop, a good part of a round
-	// trip's time. A watch that sees nothing stops the watching for a pause that starts at
-	// answerPauseMin and doubles with each such watch up to answerPauseMax (traffic that
-	// gets no answers costs at most answerWatch per answerPauseMax); an answer ends it.
+	// After the outbound loop sends a batch of at most answerWatchPackets packets, and
+	// nothing came in for answerQuiet, it watches the carrier for an answer for up to
+	// answerWatch, spinning, and handles the answer itself: that spares the wake-up of the
+	// inbound loop, a good part of a round trip's time. A watch that sees nothing stops the
+	// watching for a pause that starts at answerPauseMin and doubles with each such watch
+	// up to answerPauseMax (traffic that gets no answers costs at most answerWatch per
+	// answerPauseMax); an answer the watch catches ends it.
 	answerWatch        = time.Millisecond
 	answerWatchPackets = 2
+	answerQuiet        = 2 * time.Millisecond
 	answerPauseMin     = 10 * time.Millisecond
 	answerPauseMax     = time.Second
 	receiveNowBatch    = 4 // messages per recvmmsg of a watch
@@ -251,6 +254,7 @@ type tunnel struct {
 	epoch         time.Time
 	lastSent      atomic.Int64
 	lastReceived  atomic.Int64
+	lastInbound   atomic.Int64 // the last batch that had packets for the interface (any link)
 	carrierErrors atomic.Int64
 	unreachable   atomic.Bool // the carrier reported an ICMP error since the last initiation
 	// wallSkew is added to the wall clock the key exchange reads (its only use of the
@@ -325,6 +329,7 @@ func newTunnel(cfg *config, log *logger, dev tun.Device, port tunPort, conn carr
 			inUse:     t.keys.inUse,
 		}
 	}
+	t.lastInbound.Store(-int64(answerQuiet)) // quiet from the start
 	t.link.configuredPtp = cfg.ptpaddr
 	if cfg.ptpaddr.IsValid() {
 		p := cfg.ptpaddr
@@ -341,7 +346,9 @@ func (t *tunnel) start() {
 		t.out.helper = newCryptoHelper(t.out.sealJobs)
 		t.out.jobs = make([]sealJob, 0, outArenaSize/(dataOverhead+40))
 	}
-	if rn, ok := t.conn.(nowReceiver); ok && t.out != nil {
+	// The watch needs to read the interface while it waits (else it would hold back what
+	// is sent meanwhile), and a carrier it can read without waiting.
+	if rn, ok := t.conn.(nowReceiver); ok && t.out != nil && t.port.readsNow() {
 		t.watch = newAnswerWatcher(t, rn)
 	}
 	t.wg.Add(4)
@@ -849,14 +856,15 @@ func newAnswerWatcher(t *tunnel, conn nowReceiver) *answerWatcher {
 }
 
 // watchForAnswer is called by the outbound loop, holding the outbound lock, after it
-// sent a small batch. Until answerWatch has passed it polls the carrier, and handles what
-// comes as the inbound loop would; meanwhile it sends what the interface has ready. It
-// returns when something came, when the inbound loop holds the inbound state (what comes
-// is then the inbound loop's), or when the time is up.
+// sent a small batch. If nothing came in for answerQuiet (a busy link needs no watch:
+// its inbound loop is awake), then until answerWatch has passed it polls the carrier, and
+// handles what comes as the inbound loop would; meanwhile it sends what the interface
+// has ready. It returns when something came, when the inbound loop holds the inbound
+// state (what comes is then the inbound loop's), or when the time is up.
 func (t *tunnel) watchForAnswer(out *outbound) {
 	w := t.watch
 	now := time.Now()
-	if now.Before(w.pauseUntil) {
+	if now.Before(w.pauseUntil) || time.Duration(t.since(now)-t.lastInbound.Load()) < answerQuiet {
 		return
 	}
 	deadline := now.Add(answerWatch)
@@ -873,7 +881,9 @@ func (t *tunnel) watchForAnswer(out *outbound) {
 		}
 		t.inMu.Unlock()
 		if err != nil {
-			t.receiveError(err)
+			if !errors.Is(err, net.ErrClosed) && !t.stopping() {
+				t.receiveError(err)
+			}
 			return
 		}
 		if n > 0 {
@@ -974,6 +984,9 @@ func (in *inbound) receive(msgs []carrierMsg, pkts []innerPacket) []innerPacket 
 	}
 	if in.authentic {
 		t.lastReceived.Store(t.since(in.now))
+	}
+	if in.packets > 0 {
+		t.lastInbound.Store(t.since(in.now))
 	}
 	t.stats.rxPackets.Add(in.packets)
 	t.stats.rxBytes.Add(in.bytes)

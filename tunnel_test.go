@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -601,6 +602,7 @@ func (p *recordingPort) readNow(fb *frameBatch) error {
 	return nil
 }
 func (p *recordingPort) inject([]byte) error { return nil }
+func (p *recordingPort) readsNow() bool      { return false }
 func (p *recordingPort) write(pkts []innerPacket) error {
 	p.count += len(pkts)
 	if p.discard {
@@ -615,8 +617,9 @@ func (p *recordingPort) write(pkts []innerPacket) error {
 // TestAnswerWatch: after a small send the outbound loop polls the carrier; an answer that
 // comes within answerWatch is delivered to the interface by it; a watch that sees nothing
 // gives up after answerWatch and pauses the watching, for twice as long each time up to
-// answerPauseMax, until an answer comes; a busy inbound loop ends the watch at once; a
-// carrier error is counted.
+// answerPauseMax, until an answer comes; a busy inbound loop, or a link on which
+// something came in within answerQuiet, gets no watch; a carrier error is counted, but
+// not the closed socket of a tunnel that stops.
 func TestAnswerWatch(t *testing.T) {
 	cfg := testConfig("10.0.0.1", "10.0.0.2")
 	cfg.key = nil
@@ -627,6 +630,7 @@ func TestAnswerWatch(t *testing.T) {
 	tn.watch = newAnswerWatcher(tn, conn)
 	w := tn.watch
 	watch := func() time.Duration {
+		tn.lastInbound.Store(-int64(time.Hour)) // quiet
 		tn.out.mu.Lock()
 		defer tn.out.mu.Unlock()
 		start := time.Now()
@@ -644,8 +648,8 @@ func TestAnswerWatch(t *testing.T) {
 	// Nothing comes: the watch lasts answerWatch, then pauses grow.
 	for i, want := range []time.Duration{answerPauseMin, 2 * answerPauseMin, 4 * answerPauseMin} {
 		w.pauseUntil = time.Time{}
-		if took := watch(); took < answerWatch {
-			t.Fatalf("watch %d without an answer took %v, less than %v", i, took, answerWatch)
+		if took := watch(); took < answerWatch || took > 2*time.Second {
+			t.Fatalf("watch %d without an answer took %v, not about %v", i, took, answerWatch)
 		}
 		if left := time.Until(w.pauseUntil); left <= 0 || left > want {
 			t.Fatalf("watch %d: pause of %v, want at most %v", i, left, want)
@@ -675,6 +679,17 @@ func TestAnswerWatch(t *testing.T) {
 		t.Fatalf("second answer: wrote %d packets, pause %v", len(port.written), w.pause)
 	}
 
+	// Something came in just now: the inbound loop is awake, no watch.
+	conn.script = [][]byte{numberedPing("10.0.0.2", "10.0.0.1", 3)}
+	reads = conn.reads
+	tn.lastInbound.Store(tn.since(time.Now()))
+	tn.out.mu.Lock()
+	tn.watchForAnswer(tn.out)
+	tn.out.mu.Unlock()
+	if conn.reads != reads || len(port.written) != 2 {
+		t.Fatalf("a watch on a busy link read %d times, wrote %d packets", conn.reads-reads, len(port.written))
+	}
+
 	// The inbound loop holds the inbound state: the watch leaves the carrier to it.
 	tn.inMu.Lock()
 	conn.script = [][]byte{numberedPing("10.0.0.2", "10.0.0.1", 3)}
@@ -702,6 +717,12 @@ func TestAnswerWatch(t *testing.T) {
 	watch()
 	if got := tn.stats.carrierErrors.Load(); got != 3 {
 		t.Fatalf("carrier errors: %d, want 3", got)
+	}
+	// The socket closed under the tunnel (it is stopping): nothing to count.
+	conn.err = fmt.Errorf("recvmmsg: %w", net.ErrClosed)
+	watch()
+	if got := tn.stats.carrierErrors.Load(); got != 3 {
+		t.Fatalf("carrier errors after a closed socket: %d, want 3", got)
 	}
 }
 
@@ -743,32 +764,55 @@ func TestCarrierReceiveLock(t *testing.T) {
 		t.Fatalf("readNow: %d, %v, %q from %v", n, err, msgs[0].buf[:max(0, msgs[0].n)], msgs[0].from)
 	}
 
-	done := make(chan int)
-	go func() {
-		n, _ := c.ReadBatch(msgs)
-		done <- n
-	}()
-	// While ReadBatch waits, the lock is free (it is taken for each attempt to read).
-	waitFor(t, "the waiting ReadBatch to leave the lock free", 10*time.Second, func() bool {
-		if !lock.TryLock() {
-			return false
+	type result struct {
+		n   int
+		err error
+	}
+	done := make(chan result)
+	readBatch := func() {
+		started := make(chan struct{})
+		go func() {
+			close(started)
+			n, err := c.ReadBatch(msgs)
+			done <- result{n, err}
+		}()
+		<-started
+		// While ReadBatch waits, the lock is free: it is taken for each attempt to read
+		// only. (Checked over 200 ms, long enough for the reader to be waiting.)
+		for i := range 20 {
+			if !lock.TryLock() {
+				t.Fatalf("check %d: the lock is held while ReadBatch waits", i)
+			}
+			lock.Unlock()
+			time.Sleep(10 * time.Millisecond)
 		}
-		lock.Unlock()
-		return true
-	})
+	}
+	wait := func() result {
+		select {
+		case r := <-done:
+			if lock.TryLock() {
+				t.Fatal("ReadBatch returned without holding the receive lock")
+			}
+			lock.Unlock()
+			return r
+		case <-time.After(10 * time.Second):
+			t.Fatal("ReadBatch did not return within 10 s")
+		}
+		return result{}
+	}
+
+	readBatch()
 	if _, err := sender.WriteToUDP([]byte("second"), to); err != nil {
 		t.Fatal(err)
 	}
-	select {
-	case n := <-done:
-		if n != 1 || string(msgs[0].buf[:msgs[0].n]) != "second" {
-			t.Fatalf("ReadBatch: %d, %q", n, msgs[0].buf[:max(0, msgs[0].n)])
-		}
-	case <-time.After(10 * time.Second):
-		t.Fatal("ReadBatch did not return within 10 s")
+	if r := wait(); r.n != 1 || r.err != nil || string(msgs[0].buf[:msgs[0].n]) != "second" {
+		t.Fatalf("ReadBatch: %d, %v, %q", r.n, r.err, msgs[0].buf[:max(0, msgs[0].n)])
 	}
-	if lock.TryLock() {
-		t.Fatal("ReadBatch returned without holding the receive lock")
+
+	// A failed read returns holding the lock too.
+	readBatch()
+	c.Close()
+	if r := wait(); r.n != 0 || !errors.Is(r.err, net.ErrClosed) {
+		t.Fatalf("ReadBatch on a closed socket: %d, %v", r.n, r.err)
 	}
-	lock.Unlock()
 }
