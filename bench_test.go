@@ -6,6 +6,7 @@ package main
 //	go test -run '^$' -bench . -benchmem
 
 import (
+	"bytes"
 	"encoding/binary"
 	"io"
 	"os"
@@ -140,29 +141,20 @@ func BenchmarkCoalesce(b *testing.B) {
 		b.Fatal(err)
 	}
 	pkts := make([]innerPacket, len(sink.pkts))
+	firstHeaders := bytes.Clone(sink.pkts[0][:h.hdrLen]) // superHeader rewrites them in place
 	b.SetBytes(int64(len(tmpl)))
 	b.ReportAllocs()
 	for b.Loop() {
+		copy(sink.pkts[0], firstHeaders)
 		for i, p := range sink.pkts {
 			pkts[i] = innerPacket{pkt: p, partial: true}
 		}
 		runs := 0
 		for i := 0; i < len(pkts); {
-			run, ok := startRun(&pkts[i])
-			j := i + 1
-			for ok && j < len(pkts) {
-				more, last := run.extends(&pkts[i], &pkts[j])
-				if !more {
-					break
-				}
-				j++
-				if last {
-					break
-				}
-			}
+			j, run, psh := nextRun(pkts, i, true)
 			if j-i > 1 {
 				var vh virtioNetHdr
-				run.superHeader(pkts[i].pkt, run.bytes, false, &vh)
+				run.superHeader(pkts[i].pkt, run.bytes, psh, &vh)
 			}
 			runs++
 			i = j

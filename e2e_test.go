@@ -609,15 +609,7 @@ func TestE2EForwardedChecksums(t *testing.T) {
 	l := &link{}
 	l.start(t, false)
 	l.waitUp(t)
-	nsC := l.ns.b + "c"
-	mustRun(t, "ip", "netns", "add", nsC)
-	t.Cleanup(func() { exec.Command("ip", "netns", "del", nsC).Run() })
-	mustRun(t, "ip", "link", "add", "ve2", "netns", l.ns.b, "type", "veth", "peer", "name", "ve3", "netns", nsC)
-	mustRun(t, "ip", "-n", l.ns.b, "addr", "add", "198.19.5.1/24", "dev", "ve2")
-	mustRun(t, "ip", "-n", nsC, "addr", "add", "198.19.5.2/24", "dev", "ve3")
-	for _, c := range [][]string{{l.ns.b, "ve2"}, {nsC, "ve3"}, {nsC, "lo"}} {
-		mustRun(t, "ip", "-n", c[0], "link", "set", c[1], "up")
-	}
+	nsC := attachNamespace(t, l, "c", "ve2", "ve3", "198.19.5")
 	mustRun(t, "ip", "-n", nsC, "route", "add", e2eTunnelA, "via", "198.19.5.1")
 	mustRun(t, "ip", "-n", l.ns.a, "route", "add", "198.19.5.0/24", "dev", "cipcb0")
 	mustRun(t, "ip", "netns", "exec", l.ns.b, "sysctl", "-qw", "net.ipv4.ip_forward=1")
@@ -657,8 +649,9 @@ func TestE2EForwardedChecksums(t *testing.T) {
 func newRoutedPair(t *testing.T, mtu int) *netnsPair {
 	t.Helper()
 	id := fmt.Sprintf("cpd%d-%d", os.Getpid(), nsCounter.Add(1))
-	p := &netnsPair{a: id + "a", b: id + "b", carrierA: netip.MustParseAddr("198.18.0.1"), carrierB: netip.MustParseAddr("198.18.1.2")}
-	r := id + "r"
+	p := &netnsPair{a: id + "a", b: id + "b", router: id + "r",
+		carrierA: netip.MustParseAddr("198.18.0.1"), carrierB: netip.MustParseAddr("198.18.1.2")}
+	r := p.router
 	for _, ns := range []string{p.a, p.b, r} {
 		mustRun(t, "ip", "netns", "add", ns)
 		t.Cleanup(func() { exec.Command("ip", "netns", "del", ns).Run() })

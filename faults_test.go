@@ -38,19 +38,28 @@ func requireNft(t *testing.T) {
 	}
 }
 
+// attachNamespace adds a namespace (b's name and suffix) joined to b by a veth pair,
+// devB in b with subnet.1/24 and devC in the new one with subnet.2/24, all up; it is
+// removed when the test ends.
+func attachNamespace(t *testing.T, l *link, suffix, devB, devC, subnet string) string {
+	t.Helper()
+	c := l.ns.b + suffix
+	mustRun(t, "ip", "netns", "add", c)
+	t.Cleanup(func() { exec.Command("ip", "netns", "del", c).Run() })
+	mustRun(t, "ip", "link", "add", devB, "netns", l.ns.b, "type", "veth", "peer", "name", devC, "netns", c)
+	mustRun(t, "ip", "-n", l.ns.b, "addr", "add", subnet+".1/24", "dev", devB)
+	mustRun(t, "ip", "-n", c, "addr", "add", subnet+".2/24", "dev", devC)
+	for _, d := range [][2]string{{l.ns.b, devB}, {c, devC}, {c, "lo"}} {
+		mustRun(t, "ip", "-n", d[0], "link", "set", d[1], "up")
+	}
+	return c
+}
+
 // thirdNamespace adds a namespace c attached to b's carrier side (c: 198.18.2.2, b:
 // 198.18.2.1) that routes to b's carrier address: an outsider on the carrier network.
 func thirdNamespace(t *testing.T, l *link) string {
 	t.Helper()
-	c := l.ns.b + "x"
-	mustRun(t, "ip", "netns", "add", c)
-	t.Cleanup(func() { exec.Command("ip", "netns", "del", c).Run() })
-	mustRun(t, "ip", "link", "add", "ve4", "netns", l.ns.b, "type", "veth", "peer", "name", "ve5", "netns", c)
-	mustRun(t, "ip", "-n", l.ns.b, "addr", "add", "198.18.2.1/24", "dev", "ve4")
-	mustRun(t, "ip", "-n", c, "addr", "add", "198.18.2.2/24", "dev", "ve5")
-	mustRun(t, "ip", "-n", l.ns.b, "link", "set", "ve4", "up")
-	mustRun(t, "ip", "-n", c, "link", "set", "ve5", "up")
-	mustRun(t, "ip", "-n", c, "link", "set", "lo", "up")
+	c := attachNamespace(t, l, "x", "ve4", "ve5", "198.18.2")
 	mustRun(t, "ip", "-n", c, "route", "add", "198.18.0.0/24", "via", "198.18.2.1")
 	return c
 }

@@ -93,6 +93,7 @@ func mustRun(t *testing.T, name string, args ...string) string {
 // netnsPair is two namespaces, a and b, joined by the veth pair ve0 (in a) – ve1 (in b).
 type netnsPair struct {
 	a, b               string
+	router             string // between them (newRoutedPair), or ""
 	carrierA, carrierB netip.Addr
 }
 

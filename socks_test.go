@@ -1,7 +1,6 @@
 package main
 
 import (
-	"fmt"
 	"io"
 	"net"
 	"net/netip"
@@ -116,21 +115,8 @@ func TestSocksAssociate(t *testing.T) {
 func TestE2ESocks(t *testing.T) {
 	requireRoot(t)
 	needTool(t, "danted", "dante-server")
-	id := fmt.Sprintf("cpd%d-%d", os.Getpid(), nsCounter.Add(1))
-	nsA, nsS, nsB := id+"a", id+"s", id+"b"
-	for _, ns := range []string{nsA, nsS, nsB} {
-		mustRun(t, "ip", "netns", "add", ns)
-		t.Cleanup(func() { exec.Command("ip", "netns", "del", ns).Run() })
-	}
-	mustRun(t, "ip", "link", "add", "ve0", "netns", nsA, "type", "veth", "peer", "name", "ve1", "netns", nsS)
-	mustRun(t, "ip", "link", "add", "ve2", "netns", nsS, "type", "veth", "peer", "name", "ve3", "netns", nsB)
-	for _, c := range []struct{ ns, dev, addr string }{
-		{nsA, "ve0", "198.18.0.1/24"}, {nsS, "ve1", "198.18.0.254/24"}, {nsS, "ve2", "198.18.1.254/24"}, {nsB, "ve3", "198.18.1.2/24"},
-	} {
-		mustRun(t, "ip", "-n", c.ns, "addr", "add", c.addr, "dev", c.dev)
-		mustRun(t, "ip", "-n", c.ns, "link", "set", c.dev, "up")
-		mustRun(t, "ip", "-n", c.ns, "link", "set", "lo", "up")
-	}
+	p := newRoutedPair(t, 1500)
+	nsA, nsS, nsB := p.a, p.router, p.b
 	mustRun(t, "ip", "netns", "exec", nsS, "sysctl", "-qw", "net.ipv4.ip_forward=0") // only the relay gets through
 	dir := t.TempDir()
 	conf := filepath.Join(dir, "danted.conf")

@@ -219,23 +219,7 @@ func (p *vnetPort) write(pkts []innerPacket) error {
 	var errs error
 	for i := 0; i < len(pkts); {
 		first := &pkts[i]
-		j := i + 1
-		run, ok := tcpRun{}, false
-		if p.coalesce.Load() {
-			run, ok = startRun(first)
-		}
-		psh := false
-		for ok && j < len(pkts) && j-i < maxWriteIovecs-2 {
-			more, last := run.extends(first, &pkts[j])
-			if !more {
-				break
-			}
-			psh = pkts[j].pkt[run.ipHdrLen+13]&tcpFlagPSH != 0
-			j++
-			if last {
-				break
-			}
-		}
+		j, run, psh := nextRun(pkts, i, p.coalesce.Load())
 		if j-i == 1 {
 			singleHeader(first, &p.vhead)
 			p.vhead.encode(p.vhdr[:])

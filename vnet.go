@@ -399,6 +399,31 @@ func (r *tcpRun) extends(first, p *innerPacket) (ok, last bool) {
 	return true, size < r.mss || tb[13]&tcpFlagPSH != 0
 }
 
+// nextRun finds the run that begins at pkts[i]: pkts[i:j] become one packet for the
+// interface (j == i+1: pkts[i] alone, and run is not used). With coalesce false every
+// packet stands alone. A run holds at most maxWriteIovecs-2 packets, so that one writev
+// takes it (virtio header, first packet, the others' payloads); psh says whether its last
+// segment had PSH.
+func nextRun(pkts []innerPacket, i int, coalesce bool) (j int, run tcpRun, psh bool) {
+	j = i + 1
+	ok := false
+	if coalesce {
+		run, ok = startRun(&pkts[i])
+	}
+	for ok && j < len(pkts) && j-i < maxWriteIovecs-2 {
+		more, last := run.extends(&pkts[i], &pkts[j])
+		if !more {
+			break
+		}
+		psh = pkts[j].pkt[run.ipHdrLen+13]&tcpFlagPSH != 0
+		j++
+		if last {
+			break
+		}
+	}
+	return j, run, psh
+}
+
 // superHeader rewrites the headers of a run's first packet for the coalesced packet of
 // total bytes, PSH set if the last segment had it, and fills the virtio header.
 func (r *tcpRun) superHeader(first []byte, total int, psh bool, h *virtioNetHdr) {

@@ -173,24 +173,27 @@ func tuntestPing() []byte {
 	return p
 }
 
+// segmentPartial cuts frame as the sender would and returns the pieces as the receiver
+// gets them: packets with partial checksums.
+func segmentPartial(tb testing.TB, h virtioNetHdr, frame []byte) []innerPacket {
+	sink := &collectSink{}
+	var sg segmenter
+	if err := sg.split(&h, frame, sink); err != nil {
+		tb.Fatal(err)
+	}
+	pkts := make([]innerPacket, len(sink.pkts))
+	for i, p := range sink.pkts {
+		pkts[i] = innerPacket{pkt: p, partial: true}
+	}
+	return pkts
+}
+
 // coalesce runs the inbound coalescing over pkts and returns the packets the kernel
 // would get: super-packets (concatenated as writev would) and single packets.
 func coalesce(pkts []innerPacket) (out [][]byte, hdrs []virtioNetHdr) {
 	for i := 0; i < len(pkts); {
 		first := &pkts[i]
-		run, ok := startRun(first)
-		j, psh := i+1, false
-		for ok && j < len(pkts) && j-i < maxWriteIovecs-2 {
-			more, last := run.extends(first, &pkts[j])
-			if !more {
-				break
-			}
-			psh = pkts[j].pkt[run.ipHdrLen+13]&tcpFlagPSH != 0
-			j++
-			if last {
-				break
-			}
-		}
+		j, run, psh := nextRun(pkts, i, true)
 		var h virtioNetHdr
 		if j-i == 1 {
 			singleHeader(first, &h)
@@ -223,16 +226,7 @@ func TestCoalesceRoundTrip(t *testing.T) {
 		t.Run(c.name, func(t *testing.T) {
 			h, frame := c.frame()
 			orig := bytes.Clone(frame)
-			sink := &collectSink{}
-			var sg segmenter
-			if err := sg.split(&h, frame, sink); err != nil {
-				t.Fatal(err)
-			}
-			pkts := make([]innerPacket, len(sink.pkts))
-			for i, p := range sink.pkts {
-				pkts[i] = innerPacket{pkt: p, partial: true}
-			}
-			out, hdrs := coalesce(pkts)
+			out, hdrs := coalesce(segmentPartial(t, h, frame))
 			if len(out) != 1 {
 				t.Fatalf("coalesced into %d packets, want 1", len(out))
 			}
@@ -251,16 +245,7 @@ func TestCoalesceRoundTrip(t *testing.T) {
 func TestCoalesceRefuses(t *testing.T) {
 	segments := func() []innerPacket {
 		h, frame := tsoFrame(1388*4, 1388)
-		sink := &collectSink{}
-		var sg segmenter
-		if err := sg.split(&h, frame, sink); err != nil {
-			t.Fatal(err)
-		}
-		pkts := make([]innerPacket, len(sink.pkts))
-		for i, p := range sink.pkts {
-			pkts[i] = innerPacket{pkt: p, partial: true}
-		}
-		return pkts
+		return segmentPartial(t, h, frame)
 	}
 	for _, c := range []struct {
 		name   string
