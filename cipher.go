@@ -129,8 +129,8 @@ var (
 // A session is one set of data keys made by a key exchange (PROTOCOL.md §5).
 //
 // send and recv are safe for concurrent use. sendCounter is advanced atomically by
-// whoever sends. replay, recvMax and received are used under the tunnel's inbound lock
-// (tunnel.inMu) only. All other fields are set before the session is published and never
+// whoever sends. replay and recvMax are used under the tunnel's inbound lock (tunnel.inMu)
+// only, and received is set there. All other fields are set before the session is published and never
 // change.
 type session struct {
 	send        cipher.AEAD
@@ -143,8 +143,8 @@ type session struct {
 	peer        exchangePayload // what the peer said of itself in the exchange
 	sendCounter atomic.Uint64
 	replay      replay.Filter
-	recvMax     uint64 // greatest counter accepted
-	received    bool   // whether any message was accepted
+	recvMax     uint64      // greatest counter accepted
+	received    atomic.Bool // whether any message was accepted (the control loop reads it)
 }
 
 // newSession builds a session from the two keys of a Noise Split; the initiator sends

@@ -277,6 +277,7 @@ type tunnel struct {
 	link      linkState
 	candidate netip.AddrPort // where the last valid initiation came from
 	lastPing  time.Time      // when we last asked the peer for a keepalive
+	lastAsked time.Time      // when we last asked the peer to confirm our new session
 	ctlBuf    [dataOverhead]byte
 	ctlNonce  [12]byte
 	ctlMsg    [1]carrierMsg
@@ -1047,14 +1048,18 @@ func (in *inbound) finish(j *openJob, pkts []innerPacket) []innerPacket {
 		return pkts
 	}
 	s, h, from, inner := j.s, j.h, j.from, j.inner
-	newest := !s.received || h.counter > s.recvMax
+	first := !s.received.Load()
+	newest := first || h.counter > s.recvMax
 	if !s.acceptCounter(h.counter) {
 		in.replays++
 		return pkts
 	}
 	in.authentic = true
 	if newest {
-		s.recvMax, s.received = h.counter, true
+		s.recvMax = h.counter
+	}
+	if first {
+		s.received.Store(true)
 	}
 	if s == in.held[2] && t.keys.confirm(s) {
 		t.event(tunnelEvent{kind: eventConfirmed, session: s, from: from})
@@ -1201,6 +1206,9 @@ func (t *tunnel) tick(now time.Time) {
 		t.watchLink(now)
 	}
 	cur := t.keys.current.Load()
+	if cur != nil && cur.initiator && !cur.received.Load() && now.Sub(t.lastAsked) >= t.cfg.tokxc/2 {
+		t.askConfirmation(cur, now) // the last one, or its answer, was lost
+	}
 	due := cur == nil
 	if cur != nil {
 		age := now.Sub(cur.created)
@@ -1330,8 +1338,18 @@ func (t *tunnel) handleExchange(m *exchangeMsg) {
 		t.keys.rotate(res.session)
 		t.setPeer(m.from)
 		t.sessionEstablished(res.session)
-		t.sendKeepalive(res.session, 0) // confirms the session for the responder
+		t.askConfirmation(res.session, now)
 	}
+}
+
+// askConfirmation sends a keepalive under the session we initiated: the responder takes
+// the session as current when something arrives under it, and, asked for a keepalive in
+// return, answers under it. Until we hear from the peer under the session, tick asks
+// again every tokxc/2 (PROTOCOL.md §5): on an idle link a single lost keepalive would
+// leave the responder on its old session until that expires.
+func (t *tunnel) askConfirmation(s *session, now time.Time) {
+	t.lastAsked = now
+	t.sendKeepalive(s, flagPing)
 }
 
 // exchangeRefused logs a refused key-exchange message at a level fitting the reason.

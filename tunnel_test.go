@@ -816,3 +816,58 @@ func TestCarrierReceiveLock(t *testing.T) {
 		t.Fatalf("ReadBatch on a closed socket: %d, %v", r.n, r.err)
 	}
 }
+
+// keptCarrier keeps a copy of every datagram sent through it.
+type keptCarrier struct {
+	sinkCarrier
+	sent [][]byte
+}
+
+func (c *keptCarrier) WriteBatch(msgs []carrierMsg, to netip.AddrPort) error {
+	for _, m := range msgs {
+		c.sent = append(c.sent, bytes.Clone(m.buf))
+	}
+	return nil
+}
+
+// TestConfirmationRepeated: an initiator that has not heard from the peer under its new
+// session asks for a keepalive under it (confirming the session for the responder) every
+// tokxc/2, and stops once something came.
+func TestConfirmationRepeated(t *testing.T) {
+	cfg := testConfig("10.0.0.1", "10.0.0.2")
+	cfg.peer = netip.MustParseAddrPort("127.0.0.1:9")
+	cfg.tokxc, cfg.tokey = 2*time.Second, time.Hour
+	conn := &keptCarrier{}
+	tn := newTunnel(cfg, newLogger(testLog{t: t, name: "confirm"}, "confirm", true), nil, &recordingPort{}, conn, "confirm", 0)
+	si, sr := katSessions(t, cipherAES256GCM, 0x11223344, 0x55667788, 0)
+	tn.keys.rotate(si)
+
+	start := time.Now()
+	tn.askConfirmation(si, start) // as after the response
+	for _, c := range []struct {
+		at   time.Duration
+		sent int
+	}{{0, 1}, {cfg.tokxc / 4, 1}, {cfg.tokxc / 2, 2}, {cfg.tokxc, 3}} {
+		tn.tick(start.Add(c.at))
+		if len(conn.sent) != c.sent {
+			t.Fatalf("at %v: %d keepalives sent, want %d", c.at, len(conn.sent), c.sent)
+		}
+	}
+	var nonce [12]byte
+	for i, msg := range conn.sent {
+		h, err := parseDataHeader(msg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		inner, err := sr.open(msg, h, &nonce)
+		if err != nil || len(inner) != 0 || h.flags != flagPing {
+			t.Fatalf("keepalive %d: %v, %d bytes inside, flags %#x (want a ping)", i, err, len(inner), h.flags)
+		}
+	}
+
+	si.received.Store(true) // the peer answered under the session
+	tn.tick(start.Add(10 * cfg.tokxc))
+	if len(conn.sent) != 3 {
+		t.Fatalf("%d keepalives after the peer answered, want none more", len(conn.sent)-3)
+	}
+}
