@@ -116,7 +116,7 @@ func BenchmarkSegmentAndSeal(b *testing.B) {
 	h, tmpl := tsoFrame(65535-52, 1388)
 	frame := make([]byte, len(tmpl))
 	si, _ := benchSessions(b, cipherAES256GCM)
-	out := &outbound{t: &tunnel{cfg: &config{}}, batch: outBatch{arena: make([]byte, outArenaSize)}, session: si}
+	out := &outbound{t: &packetPath{linkCore: &linkCore{cfg: &config{}}}, batch: outBatch{arena: make([]byte, outArenaSize)}, session: si}
 	b.SetBytes(int64(len(tmpl)))
 	b.ReportAllocs()
 	for b.Loop() {
@@ -249,11 +249,11 @@ func BenchmarkTunnel(b *testing.B) {
 		conns[i] = conn
 	}
 	ca.peer, cb.peer = conns[1].LocalAddr(), conns[0].LocalAddr()
-	var tunnels [2]*tunnel
+	var tunnels [2]*linkLife
 	for i, c := range []*config{ca, cb} {
 		dev := &closableTUN{closed: ports[i].closed}
 		dev.Events()
-		tunnels[i] = newTunnel(c, newLogger(io.Discard, "bench", false), dev, ports[i], conns[i], "bench", 0)
+		tunnels[i] = newLink(c, newLogger(io.Discard, "bench", false), dev, ports[i], conns[i], "bench", 0)
 		tunnels[i].start()
 		defer tunnels[i].close()
 	}

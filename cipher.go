@@ -129,9 +129,9 @@ var (
 // A session is one set of data keys made by a key exchange (PROTOCOL.md §5).
 //
 // send and recv are safe for concurrent use. sendCounter is advanced atomically by
-// whoever sends. replay and recvMax are used under the tunnel's inbound lock (tunnel.inMu)
-// only, and received is set there. All other fields are set before the session is published and never
-// change.
+// whoever sends. replay and recvMax are used under the packet path's inbound lock
+// (packetPath.inMu) only, and received is set there. All other fields are set before the
+// session is published and never change.
 type session struct {
 	send        cipher.AEAD
 	recv        cipher.AEAD
@@ -140,7 +140,6 @@ type session struct {
 	remoteIndex uint32 // index we put in data we send
 	initiator   bool   // we sent the initiation that made this session
 	created     time.Time
-	peer        exchangePayload // what the peer said of itself in the exchange
 	sendCounter atomic.Uint64
 	replay      replay.Filter
 	recvMax     uint64      // greatest counter accepted

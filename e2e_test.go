@@ -30,8 +30,8 @@ const (
 	linkBound  = 30 * time.Second // generous: two shared cores, maybe the race detector
 )
 
-// link is a running pair of ciped processes.
-type link struct {
+// e2eLink is a running pair of ciped processes.
+type e2eLink struct {
 	ns     *netnsPair
 	a, b   *daemon
 	dir    string
@@ -53,7 +53,7 @@ func endpoint(addr fmt.Stringer, port string) string {
 
 // startLink starts ciped on both sides of a fresh namespace pair. Options beyond the
 // essentials come from l.extraA and l.extraB.
-func (l *link) start(t *testing.T, ipv6Carrier bool) {
+func (l *e2eLink) start(t *testing.T, ipv6Carrier bool) {
 	t.Helper()
 	if l.ns == nil {
 		l.ns = newNetnsPair(t, ipv6Carrier)
@@ -90,7 +90,7 @@ func (l *link) start(t *testing.T, ipv6Carrier bool) {
 	l.b = startDaemon(t, "ciped B", l.ns.b, argsB...)
 }
 
-func (l *link) waitUp(t *testing.T) {
+func (l *e2eLink) waitUp(t *testing.T) {
 	t.Helper()
 	l.a.waitLog(t, "link up", linkBound)
 	l.b.waitLog(t, "link up", linkBound)
@@ -189,7 +189,7 @@ func readLines(t *testing.T, path string) []string {
 // leaves out me (so b's idea of a's port is wrong, as behind NAT) and sets a metric.
 func TestE2ELink(t *testing.T) {
 	requireRoot(t)
-	l := &link{devA: "cpd%d", noMeA: true}
+	l := &e2eLink{devA: "cpd%d", noMeA: true}
 	l.dir = t.TempDir()
 	l.extraA = append(scriptRecorder(t, l.dir), "metric=7")
 	l.start(t, false)
@@ -267,7 +267,7 @@ func TestE2EFamilies(t *testing.T) {
 		{"IPv6 in IPv6", true, "fd00:c1::1", "fd00:c1::2", "", 1420, nil},
 	} {
 		t.Run(c.name, func(t *testing.T) {
-			l := &link{tunA: c.tunA, tunB: c.tunB}
+			l := &e2eLink{tunA: c.tunA, tunB: c.tunB}
 			l.start(t, c.ipv6Carrier)
 			l.waitUp(t)
 			if !strings.Contains(mustRun(t, "ip", "-n", l.ns.a, "link", "show", "dev", "cipcb0"), fmt.Sprintf("mtu %d", c.wantDefault)) {
@@ -287,7 +287,7 @@ func TestE2EFamilies(t *testing.T) {
 // TestE2EWrongKey: with different keys the link never comes up, and the log says why.
 func TestE2EWrongKey(t *testing.T) {
 	requireRoot(t)
-	l := &link{keyA: testKey, keyB: strings.Repeat("ab", 16)}
+	l := &e2eLink{keyA: testKey, keyB: strings.Repeat("ab", 16)}
 	l.extraA, l.extraB = []string{"tokxc=1"}, []string{"tokxc=1"}
 	l.start(t, false)
 	stop := make(chan struct{})
@@ -406,7 +406,7 @@ func TestE2ECarrierCapture(t *testing.T) {
 		nokey bool
 	}{{"encrypted", false}, {"nokey", true}} {
 		t.Run(c.name, func(t *testing.T) {
-			l := &link{nokey: c.nokey}
+			l := &e2eLink{nokey: c.nokey}
 			l.start(t, false)
 			l.waitUp(t)
 			stop := make(chan struct{})
@@ -431,7 +431,7 @@ func TestE2ECarrierCapture(t *testing.T) {
 // ping stream run: the data arrives intact, no ping is lost, no packet is dropped.
 func TestE2ERekeyDuringTransfer(t *testing.T) {
 	requireRoot(t)
-	l := &link{}
+	l := &e2eLink{}
 	l.extraA, l.extraB = []string{"tokey=2", "tokxc=1"}, []string{"tokey=2", "tokxc=1"}
 	l.start(t, false)
 	l.waitUp(t)
@@ -467,7 +467,7 @@ func TestE2ERekeyDuringTransfer(t *testing.T) {
 // retry: the collision rule resends the winning initiation.
 func TestE2ELateStart(t *testing.T) {
 	requireRoot(t)
-	l := &link{}
+	l := &e2eLink{}
 	l.extraA, l.extraB = []string{"tokxc=60"}, []string{"tokxc=60"}
 	l.start(t, false)
 	l.b.terminate(t)
@@ -481,7 +481,7 @@ func TestE2ELateStart(t *testing.T) {
 // instead of running on without it.
 func TestE2EInterfaceRemoved(t *testing.T) {
 	requireRoot(t)
-	l := &link{}
+	l := &e2eLink{}
 	l.start(t, false)
 	l.waitUp(t)
 	mustRun(t, "ip", "-n", l.ns.a, "link", "del", "dev", "cipcb0")
@@ -499,7 +499,7 @@ func TestE2EInterfaceRemoved(t *testing.T) {
 // cttl, and copy its DSCP bits.
 func TestE2ECarrierTTLAndTOS(t *testing.T) {
 	requireRoot(t)
-	l := &link{}
+	l := &e2eLink{}
 	l.extraB = []string{"cttl=17"}
 	l.start(t, false)
 	l.waitUp(t)
@@ -582,7 +582,7 @@ func TestE2EOffloadSwitches(t *testing.T) {
 		{"nothing at all", []string{"tunoffload=no", "udpgso=no", "udpgro=no"}, []string{"tunoffload=no", "udpgso=no", "udpgro=no"}},
 	} {
 		t.Run(c.name, func(t *testing.T) {
-			l := &link{extraA: c.extraA, extraB: c.extraB}
+			l := &e2eLink{extraA: c.extraA, extraB: c.extraB}
 			l.start(t, false)
 			l.waitUp(t)
 			for _, dir := range []struct{ from, to, addr string }{{l.ns.a, l.ns.b, e2eTunnelB}, {l.ns.b, l.ns.a, e2eTunnelA}} {
@@ -606,7 +606,7 @@ func TestE2EForwardedChecksums(t *testing.T) {
 		}
 		t.Skip("needs ethtool; skipped")
 	}
-	l := &link{}
+	l := &e2eLink{}
 	l.start(t, false)
 	l.waitUp(t)
 	nsC := attachNamespace(t, l, "c", "ve2", "ve3", "198.19.5")
@@ -677,7 +677,7 @@ func newRoutedPair(t *testing.T, mtu int) *netnsPair {
 // adapts and a transfer completes; an inner packet without DF is fragmented and arrives.
 func TestE2EPathMTU(t *testing.T) {
 	requireRoot(t)
-	l := &link{ns: newRoutedPair(t, 1300)}
+	l := &e2eLink{ns: newRoutedPair(t, 1300)}
 	l.start(t, false)
 	l.waitUp(t)
 	out, _ := exec.Command("ip", "netns", "exec", l.ns.a, "ping", "-n", "-M", "do", "-s", "1412", "-c", "4", "-i", "0.3",

@@ -41,7 +41,7 @@ func requireNft(t *testing.T) {
 // attachNamespace adds a namespace (b's name and suffix) joined to b by a veth pair,
 // devB in b with subnet.1/24 and devC in the new one with subnet.2/24, all up; it is
 // removed when the test ends.
-func attachNamespace(t *testing.T, l *link, suffix, devB, devC, subnet string) string {
+func attachNamespace(t *testing.T, l *e2eLink, suffix, devB, devC, subnet string) string {
 	t.Helper()
 	c := l.ns.b + suffix
 	mustRun(t, "ip", "netns", "add", c)
@@ -57,7 +57,7 @@ func attachNamespace(t *testing.T, l *link, suffix, devB, devC, subnet string) s
 
 // thirdNamespace adds a namespace c attached to b's carrier side (c: 198.18.2.2, b:
 // 198.18.2.1) that routes to b's carrier address: an outsider on the carrier network.
-func thirdNamespace(t *testing.T, l *link) string {
+func thirdNamespace(t *testing.T, l *e2eLink) string {
 	t.Helper()
 	c := attachNamespace(t, l, "x", "ve4", "ve5", "198.18.2")
 	mustRun(t, "ip", "-n", c, "route", "add", "198.18.0.0/24", "via", "198.18.2.1")
@@ -99,7 +99,7 @@ func finalCount(t *testing.T, d *daemon, what string) int {
 func TestE2ELoss(t *testing.T) {
 	requireRoot(t)
 	requireNft(t)
-	l := &link{}
+	l := &e2eLink{}
 	// Without UDP GSO and GRO, so that nft sees (and drops) single datagrams.
 	l.extraA = []string{"tokey=2", "tokxc=1", "udpgso=no", "udpgro=no"}
 	l.extraB = []string{"tokey=2", "tokxc=1", "udpgso=no", "udpgro=no"}
@@ -139,7 +139,7 @@ func TestE2ELoss(t *testing.T) {
 // ip-up when it is back, which takes one round trip after the restart, not tokxc.
 func TestE2EKillAndRestart(t *testing.T) {
 	requireRoot(t)
-	l := &link{dir: t.TempDir()}
+	l := &e2eLink{dir: t.TempDir()}
 	l.extraA = append(scriptRecorder(t, l.dir), "ping=1", "toping=3", "tokxc=30")
 	l.extraB = []string{"tokxc=30"}
 	l.start(t, false)
@@ -179,7 +179,7 @@ func TestE2EKillAndRestart(t *testing.T) {
 func TestE2ENATRebinding(t *testing.T) {
 	requireRoot(t)
 	requireNft(t)
-	l := &link{}
+	l := &e2eLink{}
 	l.start(t, false)
 	l.waitUp(t)
 	done := make(chan [2][32]byte, 1)
@@ -207,7 +207,7 @@ func TestE2ENATRebinding(t *testing.T) {
 // does not move, the link goes on.
 func TestE2EReplayFromElsewhere(t *testing.T) {
 	requireRoot(t)
-	l := &link{}
+	l := &e2eLink{}
 	l.start(t, false)
 	outsider := thirdNamespace(t, l)
 	stop := make(chan struct{})
@@ -253,7 +253,7 @@ func TestE2EReplayFromElsewhere(t *testing.T) {
 // bounded, and its log stays short.
 func TestE2EHandshakeFlood(t *testing.T) {
 	requireRoot(t)
-	l := &link{}
+	l := &e2eLink{}
 	l.start(t, false)
 	outsider := thirdNamespace(t, l)
 	l.waitUp(t)
@@ -347,7 +347,7 @@ func TestE2EDynamicPeer(t *testing.T) {
 // (its ip-down runs), not after toping or the keys' expiry.
 func TestE2EGracefulShutdown(t *testing.T) {
 	requireRoot(t)
-	l := &link{dir: t.TempDir()}
+	l := &e2eLink{dir: t.TempDir()}
 	l.extraB = append(scriptRecorder(t, l.dir), "ping=30", "toping=60")
 	l.start(t, false)
 	l.waitUp(t)

@@ -295,7 +295,7 @@ type keyExchange struct {
 	pending      *pendingInitiation
 	lastSentTime uint64                  // greatest timestamp we sent
 	lastPeerTime uint64                  // greatest initiation timestamp we accepted
-	inUse        func(index uint32) bool // reports indices of live sessions; may be nil
+	indexInUse   func(index uint32) bool // reports indices of live sessions; may be nil
 	random       io.Reader               // source of indices; nil: crypto/rand
 }
 
@@ -324,7 +324,7 @@ func (kx *keyExchange) newIndex() uint32 {
 			panic(err) // crypto/rand never fails on Linux ≥ 3.17; tests pass endless readers
 		}
 		i := binary.BigEndian.Uint32(b[:])
-		if i != 0 && (kx.pending == nil || kx.pending.index != i) && (kx.inUse == nil || !kx.inUse(i)) {
+		if i != 0 && (kx.pending == nil || kx.pending.index != i) && (kx.indexInUse == nil || !kx.indexInUse(i)) {
 			return i
 		}
 	}

@@ -1,5 +1,8 @@
 package main
 
+// Logging: the one logger a link writes through (injected, prefixed with the interface
+// name), rate limits for lines that bad packets call forth, and the syslog writer.
+
 import (
 	"fmt"
 	"io"

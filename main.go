@@ -6,13 +6,13 @@ package main
 import (
 	"crypto/rand"
 	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 
 	"os"
 	"os/signal"
-	"runtime/debug"
 	"syscall"
 
 	"github.com/alecthomas/kong"
@@ -26,31 +26,8 @@ const (
 	exitUsage   = 2 // bad options; nothing was touched
 )
 
-// version is set by the build (-ldflags "-X main.version=..."); otherwise the module's.
-var version = ""
-
-func versionString() string {
-	v := version
-	goVersion := ""
-	if info, ok := debug.ReadBuildInfo(); ok {
-		goVersion = info.GoVersion
-		if v == "" {
-			v = info.Main.Version
-			for _, s := range info.Settings {
-				if s.Key == "vcs.revision" && len(s.Value) >= 12 {
-					v += " " + s.Value[:12]
-				}
-			}
-		}
-	}
-	if v == "" || v == "(devel)" {
-		v = "devel"
-	}
-	return fmt.Sprintf("ciped %s (%s)", v, goVersion)
-}
-
 func main() {
-	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr, systemOptionsPath, nil))
+	os.Exit(runArgs(os.Args[1:], os.Stdout, os.Stderr, systemOptionsPath, nil))
 }
 
 // signals are what run reacts to while a link runs: stop (SIGTERM, SIGINT) and report
@@ -63,9 +40,9 @@ type signals struct {
 // exitRequest carries kong's request to exit (after --help or --version) out of Parse.
 type exitRequest struct{ code int }
 
-// run is the whole program: it parses the command line, then runs the chosen command.
-// stop, if not nil, replaces the termination signals (tests close it).
-func run(args []string, stdout, stderr io.Writer, systemOptions string, stop <-chan struct{}) (code int) {
+// runArgs is the whole program: it parses the command line, then runs the chosen
+// command. stop, if not nil, replaces the termination signals (tests close it).
+func runArgs(args []string, stdout, stderr io.Writer, systemOptions string, stop <-chan struct{}) (code int) {
 	return runWith(args, stdout, stderr, systemOptions, stop, statusDir)
 }
 
@@ -264,32 +241,32 @@ func runTunnel(cfg *config, stderr io.Writer, sig signals, runDir string) error 
 	log.Printf("%s, mtu %d, tunnel %s peer %s, carrier %s to %s", versionString(), cfg.mtu, cfg.ipaddr, ptp,
 		conn.LocalAddr(), peer)
 
-	t := newTunnel(cfg, log, dev, port, link, name, index)
-	status, err := listenStatus(runDir, t)
+	l := newLink(cfg, log, dev, port, link, name, index)
+	status, err := listenStatus(runDir, name, l.report)
 	if err != nil {
 		link.Close()
 		dev.Close()
 		return fmt.Errorf("status socket: %w", err)
 	}
-	t.onLinkChange = func(s string) { notify(log, "STATUS="+s) }
-	t.start()
+	l.onLinkChange = func(s string) { notify(log, "STATUS="+s) }
+	l.start()
 	notify(log, "READY=1\nSTATUS=interface "+name+" configured, waiting for the peer")
 	var failure error
 	for failure == nil {
 		select {
 		case <-sig.stop:
 		case <-sig.report:
-			t.logStatus()
+			l.logStatus()
 			continue
-		case failure = <-t.failed:
+		case failure = <-l.failed:
 			log.Printf("%v: shutting down", failure)
 		}
 		break
 	}
 	notify(log, "STOPPING=1")
-	t.close()
+	l.close()
 	status.close()
-	log.Printf("stopped: %s", t.stats.summary())
+	log.Printf("stopped: %s", l.stats.summary())
 	return failure
 }
 
@@ -298,6 +275,42 @@ func notify(log *logger, state string) {
 	if err := sdNotify(state); err != nil {
 		log.Printf("cannot notify systemd: %v", err)
 	}
+}
+
+// runStatus is `ciped status [DEVICE] [--json]`: 0 if a link answered, 1 if none did.
+func runStatus(stdout, stderr io.Writer, dir, device string, asJSON bool) int {
+	reports, err := readStatus(dir, device)
+	if err != nil {
+		fmt.Fprintf(stderr, "ciped: error: %v\n", err)
+		return exitFailure
+	}
+	if asJSON {
+		if reports == nil {
+			reports = []statusReport{}
+		}
+		b, _ := json.MarshalIndent(reports, "", "  ")
+		fmt.Fprintln(stdout, string(b))
+	} else {
+		here := netnsID()
+		for i, r := range reports {
+			if i > 0 {
+				fmt.Fprintln(stdout)
+			}
+			formatStatus(stdout, r, here)
+		}
+	}
+	if len(reports) == 0 {
+		what := "no ciped is running"
+		if device != "" {
+			what = fmt.Sprintf("no ciped is running on %q", device)
+		}
+		if _, err := os.Stat(dir); errors.Is(err, os.ErrPermission) {
+			what += " (or " + dir + " is not readable: ciped status needs root)"
+		}
+		fmt.Fprintf(stderr, "ciped: %s\n", what)
+		return exitFailure
+	}
+	return exitOK
 }
 
 // Compile-time check that the real socket is a carrier.

@@ -54,7 +54,7 @@ func runCLI(t *testing.T, system string, args ...string) (int, string, string) {
 	var stdout, stderr bytes.Buffer
 	stop := make(chan struct{})
 	close(stop)
-	code := run(args, &stdout, &stderr, system, stop)
+	code := runArgs(args, &stdout, &stderr, system, stop)
 	return code, stdout.String(), stderr.String()
 }
 

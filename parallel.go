@@ -1,5 +1,7 @@
 package main
 
+// Two-core crypto: a helper goroutine that seals or opens half of a large batch.
+
 // cryptoHelper does the upper half of a batch's AEAD work on another core while the loop
 // that owns the batch does the lower half. Each packet's place in the batch (its slot in
 // the send arena, its position in the receive batch) is fixed before the work is split,

@@ -1,5 +1,8 @@
 package main
 
+// Link scripts: ip-up and ip-down with CIPE's arguments, run one at a time in the order
+// the link queued them, in a goroutine of their own.
+
 import (
 	"bufio"
 	"bytes"

@@ -1,11 +1,11 @@
 package main
 
-// Status: what a running link reports about itself, over a unix socket under /run/cipe
-// (for `ciped status`), to the log (on SIGUSR1), and to systemd (the notify protocol).
+// Status: the report a running link gives of itself (link.go fills it), and the ways it
+// is published: a unix socket under /run/cipe (for `ciped status`), the text written for
+// people (and to the log on SIGUSR1), and systemd's notify protocol.
 
 import (
 	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -75,46 +75,6 @@ type statusSettings struct {
 	Maxerr int    `json:"maxerr"`
 }
 
-// linkView is what the control loop knows of the link, copied out for readers under the
-// tunnel's viewMu whenever it changes (rarely: link up and down, key exchanges).
-type linkView struct {
-	up           bool
-	since        time.Time
-	lastExchange time.Time
-	cipher       string
-	ptp          string
-}
-
-// report takes a snapshot of the link.
-func (t *tunnel) report() statusReport {
-	t.viewMu.Lock()
-	v := t.view
-	t.viewMu.Unlock()
-	s := &t.stats
-	r := statusReport{
-		Interface: t.ifname, PID: os.Getpid(), Netns: netnsID(), Version: versionString(),
-		Link: "down", Since: v.since, Local: t.conn.LocalAddr().String(),
-		TunnelAddress: t.cfg.ipaddr.String(), PeerAddress: v.ptp, MTU: t.cfg.mtu,
-		Cipher: v.cipher, LastExchange: v.lastExchange, KeyExchanges: s.exchanges.Load(),
-		Sent:     trafficCounts{Packets: s.txPackets.Load(), Bytes: s.txBytes.Load()},
-		Received: trafficCounts{Packets: s.rxPackets.Load(), Bytes: s.rxBytes.Load()},
-		Dropped: droppedCounts{Auth: s.dropAuth.Load(), Replay: s.dropReplay.Load(), Malformed: s.dropMalformed.Load(),
-			UnknownSession: s.dropUnknown.Load(), NoSession: s.dropNoSession.Load(), TooBig: s.dropTooBig.Load(),
-			KeyExchange: s.dropExchange.Load() + s.dropExchangeQueueFull.Load()},
-		Errors: errorCounts{Carrier: s.carrierErrors.Load(), Interface: s.tunErrors.Load()},
-		Time:   time.Now(),
-		Options: statusSettings{Tokey: t.cfg.tokey.String(), Tokxc: t.cfg.tokxc.String(), Ping: t.cfg.ping.String(),
-			Toping: t.cfg.toping.String(), Maxerr: t.cfg.maxerr},
-	}
-	if v.up {
-		r.Link = "up"
-	}
-	if p := t.peer.Load(); p != nil {
-		r.Peer = p.String()
-	}
-	return r
-}
-
 // netnsID is the inode of this process's network namespace: two links with one interface
 // name in two namespaces are told apart by it.
 func netnsID() uint64 {
@@ -139,16 +99,17 @@ type statusServer struct {
 	slot chan struct{}
 }
 
-// listenStatus creates dir (root only) and the socket (mode 0600) for the tunnel. A
+// listenStatus creates dir (root only) and the socket (mode 0600) for the link of
+// interface ifname, which report describes (it is called from other goroutines). A
 // socket file left by a link that died is replaced.
-func listenStatus(dir string, t *tunnel) (*statusServer, error) {
+func listenStatus(dir, ifname string, report func() statusReport) (*statusServer, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, err
 	}
 	if err := os.Chmod(dir, 0o700); err != nil {
 		return nil, err
 	}
-	path := statusSocketPath(dir, t.ifname)
+	path := statusSocketPath(dir, ifname)
 	if c, err := net.Dial("unix", path); err == nil {
 		c.Close()
 		return nil, fmt.Errorf("%s is in use by another ciped", path)
@@ -162,11 +123,11 @@ func listenStatus(dir string, t *tunnel) (*statusServer, error) {
 	}
 	ln.SetUnlinkOnClose(true)
 	s := &statusServer{ln: ln, path: path, slot: make(chan struct{}, statusConcurrency)}
-	go s.routineServe(t)
+	go s.routineServe(report)
 	return s, nil
 }
 
-func (s *statusServer) routineServe(t *tunnel) {
+func (s *statusServer) routineServe(report func() statusReport) {
 	for {
 		c, err := s.ln.AcceptUnix()
 		if err != nil {
@@ -178,7 +139,7 @@ func (s *statusServer) routineServe(t *tunnel) {
 				defer func() { <-s.slot }()
 				defer c.Close()
 				c.SetWriteDeadline(time.Now().Add(statusWriteLimit))
-				b, _ := json.Marshal(t.report())
+				b, _ := json.Marshal(report())
 				c.Write(append(b, '\n'))
 			}()
 		default:
@@ -280,42 +241,6 @@ func formatStatus(w io.Writer, r statusReport, here uint64) {
 		"%d without session, %d too big, %d key-exchange refused\n", d.Auth, d.Replay, d.Malformed, d.UnknownSession,
 		d.NoSession, d.TooBig, d.KeyExchange)
 	fmt.Fprintf(w, "  errors: %d carrier, %d interface\n", r.Errors.Carrier, r.Errors.Interface)
-}
-
-// runStatus is `ciped status [DEVICE] [--json]`: 0 if a link answered, 1 if none did.
-func runStatus(stdout, stderr io.Writer, dir, device string, asJSON bool) int {
-	reports, err := readStatus(dir, device)
-	if err != nil {
-		fmt.Fprintf(stderr, "ciped: error: %v\n", err)
-		return exitFailure
-	}
-	if asJSON {
-		if reports == nil {
-			reports = []statusReport{}
-		}
-		b, _ := json.MarshalIndent(reports, "", "  ")
-		fmt.Fprintln(stdout, string(b))
-	} else {
-		here := netnsID()
-		for i, r := range reports {
-			if i > 0 {
-				fmt.Fprintln(stdout)
-			}
-			formatStatus(stdout, r, here)
-		}
-	}
-	if len(reports) == 0 {
-		what := "no ciped is running"
-		if device != "" {
-			what = fmt.Sprintf("no ciped is running on %q", device)
-		}
-		if _, err := os.Stat(dir); errors.Is(err, os.ErrPermission) {
-			what += " (or " + dir + " is not readable: ciped status needs root)"
-		}
-		fmt.Fprintf(stderr, "ciped: %s\n", what)
-		return exitFailure
-	}
-	return exitOK
 }
 
 // sdNotify sends a state to systemd's notify socket ($NOTIFY_SOCKET), if there is one:

@@ -36,7 +36,7 @@ func cipedStatus(t *testing.T, args ...string) (string, int) {
 // writes the status to the log.
 func TestE2EStatus(t *testing.T) {
 	requireRoot(t)
-	l1, l2 := &link{}, &link{}
+	l1, l2 := &e2eLink{}, &e2eLink{}
 	l1.start(t, false)
 	l2.start(t, false)
 	l1.waitUp(t)

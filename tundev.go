@@ -20,7 +20,7 @@ import (
 const (
 	vnetReadFrames = 4                                // frames read per batch with offloads
 	vnetFrameSize  = virtioNetHdrLen + maxSuperPacket // the largest frame the kernel hands us
-	maxWriteIovecs = 1 + 1 + 64                       // virtio header, first packet, 64 payloads
+	maxWriteIovecs = 1 + maxRunPackets                // virtio header, first packet, the others' payloads
 )
 
 // tunFrame is what one read from the device gives: a packet, or with offloads a
@@ -47,7 +47,7 @@ func newFrameBatch(n, size int) *frameBatch {
 
 // tunPort is the interface side of the data path. read and readNow share the outbound
 // state (the frame batch and what it is sealed into), guarded by one lock; write is called
-// under the inbound lock (tunnel.inMu) only.
+// under the inbound lock (packetPath.inMu) only.
 type tunPort interface {
 	// read blocks until a frame is ready, then reads the frames that are ready, as many
 	// as fb has buffers for, into fb.frames. It takes lock to read, and returns with it
@@ -92,7 +92,7 @@ type vnetPort struct {
 	cur     *frameBatch
 	rerr    error
 
-	// Write scratch, used under the inbound lock (tunnel.inMu), likewise.
+	// Write scratch, used under the inbound lock (packetPath.inMu), likewise.
 	iovs   [maxWriteIovecs]unix.Iovec
 	vhdr   [virtioNetHdrLen]byte
 	vhead  virtioNetHdr
@@ -294,7 +294,7 @@ func restoreFirst(pkt []byte, r *tcpRun) {
 type plainPort struct {
 	dev  tun.Device
 	mtu  int
-	bufs [][]byte // write scratch, used under the inbound lock (tunnel.inMu)
+	bufs [][]byte // write scratch, used under the inbound lock (packetPath.inMu)
 }
 
 func (p *plainPort) newFrameBatch() *frameBatch { return newFrameBatch(p.dev.BatchSize(), p.mtu) }

@@ -1,6 +1,8 @@
 package main
 
-// The tunnel: one TUN device, one carrier socket, one peer.
+// The packet path: one TUN device, one carrier socket, one peer. This file holds the two
+// data loops, in packet order, and the small core they share with the control loop
+// (link.go), which runs the link's life: key exchanges, timers, liveness, scripts, status.
 //
 // Outbound, RoutineReadFromTUN (one goroutine):
 //  1. tunPort.read reads what the interface has ready: with offloads, up to four frames of
@@ -31,14 +33,15 @@ package main
 //     sent at once (sendNow), sparing the outbound loop's wake-up.
 //
 // The two loops lend each other a hand in steps 5 and 4 only when the other is idle: each
-// side's state has one lock (outbound.mu, tunnel.inMu), taken by its own loop for each
+// side's state has one lock (outbound.mu, packetPath.inMu), taken by its own loop for each
 // read (and held through the batch) and only tried by the other. The one wait across
 // loops: the inbound loop, woken by a datagram, waits while a watch handles it.
 //
-// Control, RoutineControl (one goroutine): key exchanges, timers, the link state and the
-// scripts. It owns the keyExchange and the link state. Sessions are published through the
-// keyring's atomic pointers; the inbound loop changes the keyring only to confirm a
-// responder's new session, under the keyring's mutex, once per key exchange.
+// The data loops and the control loop meet only at the core (below): the keyring, the
+// peer's addresses, the liveness timestamps, the counters and two queues towards the
+// control loop. Sessions are published through the keyring's atomic pointers; the
+// inbound loop changes the keyring only to confirm a responder's new session, under the
+// keyring's mutex, once per key exchange.
 //
 // Buffers: each loop allocates its buffers once and owns them for its whole life: the
 // outbound loop its frame buffers and send arena, the inbound loop its receive buffers
@@ -53,8 +56,6 @@ import (
 	"net/netip"
 	"os"
 	"runtime"
-	"strconv"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -71,14 +72,12 @@ const (
 	// helper's copy and hand-off cost more than they save (measured on 2 cores: 15% less
 	// throughput, 20% more CPU per GB).
 	parallelMinCores    = 4
-	icmpPerSecond       = 20               // ICMP "too big" messages we send at most
-	unreachableRetry    = time.Second      // retry of an initiation the carrier reported unreachable
-	groBatch            = 8                // messages (of up to 64 datagrams) per recvmmsg with GRO
-	outArenaSize        = 256 << 10        // bytes of sealed datagrams per sendmmsg
-	exchangeQueueSize   = 64               // key-exchange messages waiting for the control loop
-	eventQueueSize      = 64               // events from the data loops to the control loop
-	logInterval         = 10 * time.Second // at most one line per kind of bad packet
-	minTick, maxTick    = 10 * time.Millisecond, time.Second
+	icmpPerSecond       = 20                    // ICMP "too big" messages we send at most
+	groBatch            = 8                     // messages (of up to 64 datagrams) per recvmmsg with GRO
+	outArenaSize        = 256 << 10             // bytes of sealed datagrams per sendmmsg
+	exchangeQueueSize   = 64                    // key-exchange messages waiting for the control loop
+	eventQueueSize      = 64                    // events from the data loops to the control loop
+	logInterval         = 10 * time.Second      // at most one line per kind of bad packet
 	errorPause          = 10 * time.Millisecond // after an unexpected read error
 	exchangeMessageSize = initiationSize        // the larger of the two
 
@@ -94,80 +93,9 @@ const (
 	answerQuiet        = 2 * time.Millisecond
 	answerPauseMin     = 10 * time.Millisecond
 	answerPauseMax     = time.Second
-	receiveNowBatch    = 4 // messages per recvmmsg of a watch
 )
 
-// keyring holds the sessions of PROTOCOL.md §5. Readers load the pointers without a lock;
-// changes are serialised by mu. The zero value is an empty keyring.
-type keyring struct {
-	mu       sync.Mutex
-	current  atomic.Pointer[session]
-	previous atomic.Pointer[session]
-	next     atomic.Pointer[session] // a responder's session before the initiator used it
-}
-
-// rotate makes s current and the current one previous.
-func (k *keyring) rotate(s *session) {
-	k.mu.Lock()
-	defer k.mu.Unlock()
-	k.previous.Store(k.current.Load())
-	k.current.Store(s)
-	if k.next.Load() == s {
-		k.next.Store(nil)
-	}
-}
-
-func (k *keyring) setNext(s *session) {
-	k.mu.Lock()
-	defer k.mu.Unlock()
-	k.next.Store(s)
-}
-
-// confirm rotates s in if it is still the unconfirmed session; it reports whether it was.
-func (k *keyring) confirm(s *session) bool {
-	k.mu.Lock()
-	defer k.mu.Unlock()
-	if k.next.Load() != s {
-		return false
-	}
-	k.previous.Store(k.current.Load())
-	k.current.Store(s)
-	k.next.Store(nil)
-	return true
-}
-
-// expire drops sessions older than maxAge and reports whether the current one went.
-func (k *keyring) expire(now time.Time, maxAge time.Duration) (droppedCurrent bool) {
-	k.mu.Lock()
-	defer k.mu.Unlock()
-	for _, p := range []*atomic.Pointer[session]{&k.current, &k.previous, &k.next} {
-		if s := p.Load(); s != nil && now.Sub(s.created) >= maxAge {
-			p.Store(nil)
-			droppedCurrent = droppedCurrent || p == &k.current
-		}
-	}
-	return droppedCurrent
-}
-
-func (k *keyring) clear() {
-	k.mu.Lock()
-	defer k.mu.Unlock()
-	k.current.Store(nil)
-	k.previous.Store(nil)
-	k.next.Store(nil)
-}
-
-// inUse reports whether a held session uses index as its local index.
-func (k *keyring) inUse(index uint32) bool {
-	for _, s := range []*session{k.current.Load(), k.previous.Load(), k.next.Load()} {
-		if s != nil && s.localIndex == index {
-			return true
-		}
-	}
-	return false
-}
-
-// stats are the tunnel's counters. They are updated once per batch and safe to read at
+// stats are the link's counters. They are updated once per batch and safe to read at
 // any time.
 type stats struct {
 	txPackets, txBytes    atomic.Uint64 // inner packets and bytes sent
@@ -219,130 +147,187 @@ type tunnelEvent struct {
 	from    netip.AddrPort
 }
 
-// tunnel is one running link. Make one with newTunnel, start it with start, stop it
-// with close.
-type tunnel struct {
-	cfg  *config
-	log  *logger
-	tun  tun.Device // owns the device: events, MTU, close
+// linkCore is where the data loops and the control loop meet. Who writes and who reads
+// each field (the control loop is link.go's; "all" is the three loops and the status
+// readers):
+//
+//	field           written by                                  read by
+//	cfg, log, conn  newLink, before the loops start (fixed)     all
+//	keyed, ifname   newLink (fixed)                             all
+//	keys            control loop (rotate, setNext, expire,      all (atomic loads, per batch)
+//	                clear); inbound loop (confirm, under its mutex)
+//	peer            control loop (setPeer)                      all (atomic load, per batch)
+//	peerTunnelAddr  control loop (linkUp)                       outbound loop (tooBig)
+//	up              control loop (linkUp, linkDown)             tests, readers outside
+//	lastSent        outbound loop; control loop (keepalives)    control loop (ping)
+//	lastReceived    inbound loop; control loop (new session)    control loop (toping)
+//	lastInbound     inbound loop                                outbound loop (answer watch)
+//	carrierErrors   any loop (noteCarrierError); control loop   control loop (maxerr)
+//	                resets it at each completed exchange
+//	unreachable     any loop (noteCarrierError); control loop   control loop (initiate)
+//	                clears it at each initiation
+//	stats           every loop (atomic adds, once per batch)    status, the exit summary
+//	exchanges       inbound loop (queueExchange, never waits)   control loop
+//	events          data loops (event, never waits)             control loop
+//	limits          all (each rate limit is safe for concurrent use)
+//	failed          outbound loop (the interface vanished)      main
+//	stop            link.close                                  all
+//
+// Liveness timestamps are monotonic nanoseconds since epoch (since).
+type linkCore struct {
+	cfg    *config
+	log    *logger
+	conn   carrier
+	ifname string
+	keyed  bool // false with nokey: no sessions, datagrams are the inner packets
+
+	keys           keyring
+	peer           atomic.Pointer[netip.AddrPort] // nil until known
+	peerTunnelAddr atomic.Pointer[netip.Addr]     // ptpaddr, configured or learned; nil until known
+	up             atomic.Bool                    // the link state, for readers outside the control loop
+
+	epoch         time.Time
+	lastSent      atomic.Int64 // the last datagram sent to the peer
+	lastReceived  atomic.Int64 // the last authentic datagram from the peer
+	lastInbound   atomic.Int64 // the last batch that had packets for the interface (any link)
+	carrierErrors atomic.Int64 // maxerr's carrier errors since the last completed key exchange
+	unreachable   atomic.Bool  // the carrier reported an ICMP error since the last initiation
+
+	exchanges chan exchangeMsg
+	events    chan tunnelEvent
+	stats     stats
+	limits    struct{ auth, exchange, malformed, plaintext, carrier, congestion, tun, icmp, pmtu rateLimit }
+
+	failed chan error    // receives why the link cannot go on (the interface vanished)
+	stop   chan struct{} // closed when the link stops
+}
+
+func newLinkCore(cfg *config, log *logger, conn carrier, ifname string) *linkCore {
+	c := &linkCore{cfg: cfg, log: log, conn: conn, ifname: ifname, keyed: cfg.key != nil, epoch: time.Now(),
+		exchanges: make(chan exchangeMsg, exchangeQueueSize), events: make(chan tunnelEvent, eventQueueSize),
+		failed: make(chan error, 1), stop: make(chan struct{})}
+	for _, r := range []*rateLimit{&c.limits.auth, &c.limits.exchange, &c.limits.malformed, &c.limits.plaintext,
+		&c.limits.carrier, &c.limits.congestion, &c.limits.tun, &c.limits.pmtu} {
+		r.interval = logInterval
+	}
+	c.limits.icmp.interval = time.Second / icmpPerSecond
+	if !cfg.dynamicPeer() {
+		p := cfg.peer
+		c.peer.Store(&p)
+	}
+	if cfg.ptpaddr.IsValid() {
+		p := cfg.ptpaddr
+		c.peerTunnelAddr.Store(&p)
+	}
+	c.lastInbound.Store(-int64(answerQuiet)) // quiet from the start
+	return c
+}
+
+// usable reports whether s may still send or receive at now (PROTOCOL.md §5).
+func (c *linkCore) usable(s *session, now time.Time) bool {
+	return s.usable(now, sessionLifetime(c.cfg.tokey, c.cfg.tokxc))
+}
+
+// since returns the monotonic time of now relative to the link's epoch, as stored in
+// the liveness timestamps.
+func (c *linkCore) since(now time.Time) int64 { return int64(now.Sub(c.epoch)) }
+
+// stopping reports whether the link is stopping.
+func (c *linkCore) stopping() bool {
+	select {
+	case <-c.stop:
+		return true
+	default:
+		return false
+	}
+}
+
+// noteCarrierError counts what went wrong on the carrier: ICMP errors reported for our
+// datagrams and failed sends are maxerr's carrier errors; "packet too big" (path MTU
+// news) and "no buffer space" (a full queue on this host: congestion, the datagram is
+// dropped like any other congested one) are counted but are not.
+func (c *linkCore) noteCarrierError(err error) {
+	if joined, ok := err.(interface{ Unwrap() []error }); ok {
+		for _, e := range joined.Unwrap() {
+			c.noteCarrierError(e)
+		}
+		return
+	}
+	to := "the peer"
+	if p := c.peer.Load(); p != nil {
+		to = p.String()
+	}
+	n := 1
+	var ue *unreachableError
+	if errors.As(err, &ue) {
+		n = ue.count
+		err = ue.err
+	}
+	c.stats.carrierErrors.Add(uint64(n))
+	switch {
+	case errors.Is(err, syscall.EMSGSIZE):
+		// Path MTU news: what it means for inner packets is logged where it is acted on.
+		c.log.Debugf("carrier: sending to %s: %v (path MTU)", to, err)
+		return
+	case errors.Is(err, syscall.ENOBUFS):
+		c.log.limitedf(&c.limits.congestion, "carrier: sending to %s: %v (congestion on this host; dropped)", to, err)
+		return
+	}
+	c.carrierErrors.Add(int64(n))
+	if ue != nil {
+		c.unreachable.Store(true)
+	}
+	times := "once"
+	if n > 1 {
+		times = fmt.Sprintf("%d times", n)
+	}
+	c.log.limitedf(&c.limits.carrier, "carrier: sending to %s failed %s: %v", to, times, err)
+}
+
+// event hands an event to the control loop without blocking; if the queue is full the
+// event is dropped, and the condition that caused it will raise it again.
+func (c *linkCore) event(ev tunnelEvent) {
+	select {
+	case c.events <- ev:
+	default:
+	}
+}
+
+// packetPath is the packet path of one link: the two data loops and their state. The link
+// (link.go) makes it with newPacketPath, starts it with start and, once the device and the
+// socket are closed, waits for it with wait.
+type packetPath struct {
+	*linkCore
+	tun  tun.Device // the device, for the loops' errors; the link closes it
 	port tunPort    // reads and writes it
 	// The outbound state, held by the outbound loop while it reads and sends a batch, and
 	// by the inbound loop while it sends what a write to the interface called forth.
 	out *outbound
 	// The inbound state: held by the inbound loop from the moment a read finds something
 	// until the batch is written, and by the outbound loop while it watches for an answer.
-	inMu    sync.Mutex
-	watch   *answerWatcher // nil: the carrier cannot be watched
-	conn    carrier
-	ifname  string
-	ifindex int // 0: do not configure the interface (in-process tests)
-
-	keys keyring
-	peer atomic.Pointer[netip.AddrPort] // nil until known
-	up   atomic.Bool                    // the link state, for readers outside the control loop
-	// peerTunnelAddr is ptpaddr, configured or learned; nil until known.
-	peerTunnelAddr atomic.Pointer[netip.Addr]
-	rekeyAfter     uint64 // packets sent under a session before a new exchange
+	inMu  sync.Mutex
+	watch *answerWatcher // nil: the carrier cannot be watched
 
 	// parallelCrypto lets each data loop seal or open large batches on two cores. It is
 	// set from the number of cores; tests may change it before start.
 	parallelCrypto bool
 
-	// Liveness, written by the data loops once per batch: monotonic nanoseconds since
-	// epoch of the last datagram sent to the peer and the last authentic one received, and
-	// carrier errors since the last completed key exchange (maxerr).
-	epoch         time.Time
-	lastSent      atomic.Int64
-	lastReceived  atomic.Int64
-	lastInbound   atomic.Int64 // the last batch that had packets for the interface (any link)
-	carrierErrors atomic.Int64
-	unreachable   atomic.Bool // the carrier reported an ICMP error since the last initiation
-	// wallSkew is added to the wall clock the key exchange reads (its only use of the
-	// wall clock: timers run on the monotonic clock); tests jump it.
-	wallSkew atomic.Int64
-	kx       *keyExchange // control loop only; nil with nokey
-
-	exchanges chan exchangeMsg
-	events    chan tunnelEvent
-	stats     stats
-	scripts   *scriptRunner
-
-	// What readers outside the control loop may know of the link (status), and a hook
-	// told of link changes (systemd's STATUS line).
-	viewMu       sync.Mutex
-	view         linkView
-	onLinkChange func(status string)
-
-	// Control loop state.
-	link      linkState
-	candidate netip.AddrPort // where the last valid initiation came from
-	lastPing  time.Time      // when we last asked the peer for a keepalive
-	lastAsked time.Time      // when we last asked the peer to confirm our new session
-	ctlBuf    [dataOverhead]byte
-	ctlNonce  [12]byte
-	ctlMsg    [1]carrierMsg
-
-	limits  struct{ auth, exchange, malformed, plaintext, carrier, congestion, tun, icmp, pmtu rateLimit }
 	icmpBuf [icmpTooBigMax]byte // the outbound loop's ICMP messages are built here
-
-	failed   chan error // receives why the tunnel cannot go on (the interface vanished)
-	stop     chan struct{}
-	stopOnce sync.Once
-	ctlDone  chan struct{} // closed when the control loop has finished its shutdown work
-	wg       sync.WaitGroup
+	wg      sync.WaitGroup
 }
 
-// linkState is what the control loop knows of the link.
-type linkState struct {
-	up            bool
-	since         time.Time
-	args          [6]string       // the scripts' arguments while up
-	env           []string        // and their environment
-	configuredPtp netip.Addr      // peer address currently on the interface
-	peerInfo      exchangePayload // what the peer told us in the last exchange
-}
-
-// newTunnel builds a tunnel over an open TUN device (read and written through port) and
-// carrier. ifindex 0 skips interface configuration.
-func newTunnel(cfg *config, log *logger, dev tun.Device, port tunPort, conn carrier, ifname string, ifindex int) *tunnel {
-	t := &tunnel{cfg: cfg, log: log, tun: dev, port: port, conn: conn, ifname: ifname, ifindex: ifindex,
-		exchanges: make(chan exchangeMsg, exchangeQueueSize), events: make(chan tunnelEvent, eventQueueSize),
-		failed: make(chan error, 1),
-		stop:   make(chan struct{}), ctlDone: make(chan struct{}), rekeyAfter: rekeyAfterPackets, epoch: time.Now(),
-		parallelCrypto: runtime.GOMAXPROCS(0) >= parallelMinCores}
-	for _, r := range []*rateLimit{&t.limits.auth, &t.limits.exchange, &t.limits.malformed, &t.limits.plaintext,
-		&t.limits.carrier, &t.limits.congestion, &t.limits.tun, &t.limits.pmtu} {
-		r.interval = logInterval
-	}
-	t.limits.icmp.interval = time.Second / icmpPerSecond
-	if !cfg.dynamicPeer() {
-		p := cfg.peer
-		t.peer.Store(&p)
-	}
+// newPacketPath builds the packet path over an open TUN device (read and written through
+// port) and the core's carrier.
+func newPacketPath(c *linkCore, dev tun.Device, port tunPort) *packetPath {
+	t := &packetPath{linkCore: c, tun: dev, port: port, parallelCrypto: runtime.GOMAXPROCS(0) >= parallelMinCores}
 	if port != nil {
 		t.out = &outbound{t: t, frames: port.newFrameBatch(), batch: outBatch{arena: make([]byte, outArenaSize)}}
 	}
-	if cfg.key != nil {
-		t.kx = &keyExchange{
-			cfg: exchangeConfig{secrets: deriveLinkSecrets(*cfg.key), ciphers: cfg.ciphers, mtu: cfg.mtu,
-				addr: cfg.ipaddr, expected: cfg.ptpaddr, tokxts: cfg.tokxts},
-			wallClock: t.wallClock,
-			inUse:     t.keys.inUse,
-		}
-	}
-	t.lastInbound.Store(-int64(answerQuiet)) // quiet from the start
-	t.link.configuredPtp = cfg.ptpaddr
-	if cfg.ptpaddr.IsValid() {
-		p := cfg.ptpaddr
-		t.peerTunnelAddr.Store(&p)
-		t.view.ptp = p.String()
-	}
-	t.scripts = newScriptRunner(log)
 	return t
 }
 
-// start runs the tunnel's goroutines.
-func (t *tunnel) start() {
+// start runs the two data loops.
+func (t *packetPath) start() {
 	if t.parallelCrypto {
 		t.out.helper = newCryptoHelper(t.out.sealJobs)
 		t.out.jobs = make([]sealJob, 0, outArenaSize/(dataOverhead+40))
@@ -352,105 +337,14 @@ func (t *tunnel) start() {
 	if rn, ok := t.conn.(nowReceiver); ok && t.out != nil && t.port.readsNow() {
 		t.watch = newAnswerWatcher(t, rn)
 	}
-	t.wg.Add(4)
+	t.wg.Add(2)
 	go func() { defer t.wg.Done(); t.routineReadFromTUN() }()
 	go func() { defer t.wg.Done(); t.routineReadFromCarrier() }()
-	go func() { defer t.wg.Done(); t.routineControl() }()
-	go func() {
-		defer t.wg.Done()
-		for ev := range t.tun.Events() {
-			if ev&tun.EventMTUUpdate != 0 {
-				if mtu, err := t.tun.MTU(); err == nil && mtu != t.cfg.mtu {
-					t.log.Printf("warning: the interface MTU was changed to %d from outside; ciped sends and receives at most mtu=%d", mtu, t.cfg.mtu)
-				}
-			}
-			if ev&tun.EventDown != 0 {
-				t.log.Debugf("the interface is down")
-			}
-		}
-	}()
 }
 
-// close takes the link down (ip-down, goodbye to the peer), waits for the scripts,
-// closes the device and the socket and waits for every goroutine. It may be called more
-// than once; every call returns when all is done.
-func (t *tunnel) close() {
-	t.stopOnce.Do(func() {
-		close(t.stop)
-		<-t.ctlDone
-		t.scripts.close()
-		t.tun.Close()
-		t.conn.Close()
-		t.wg.Wait()
-	})
-}
-
-func (t *tunnel) rejectAfter() time.Duration {
-	return t.cfg.tokey + rejectAfterTokxcCount*t.cfg.tokxc
-}
-
-// usable reports whether s may still send or receive at now (PROTOCOL.md §5).
-func (t *tunnel) usable(s *session, now time.Time) bool {
-	return s != nil && now.Sub(s.created) < t.rejectAfter()
-}
-
-// wallClock is the wall clock of the key exchange's timestamps.
-func (t *tunnel) wallClock() time.Time { return time.Now().Add(time.Duration(t.wallSkew.Load())) }
-
-// since returns the monotonic time of now relative to the tunnel's epoch, as stored in
-// lastSent and lastReceived.
-func (t *tunnel) since(now time.Time) int64 { return int64(now.Sub(t.epoch)) }
-
-// noteCarrierError counts what went wrong on the carrier: ICMP errors reported for our
-// datagrams and failed sends are maxerr's carrier errors; "packet too big" (path MTU
-// news) and "no buffer space" (a full queue on this host: congestion, the datagram is
-// dropped like any other congested one) are counted but are not.
-func (t *tunnel) noteCarrierError(err error) {
-	if joined, ok := err.(interface{ Unwrap() []error }); ok {
-		for _, e := range joined.Unwrap() {
-			t.noteCarrierError(e)
-		}
-		return
-	}
-	to := "the peer"
-	if p := t.peer.Load(); p != nil {
-		to = p.String()
-	}
-	n := 1
-	var ue *unreachableError
-	if errors.As(err, &ue) {
-		n = ue.count
-		err = ue.err
-	}
-	t.stats.carrierErrors.Add(uint64(n))
-	switch {
-	case errors.Is(err, syscall.EMSGSIZE):
-		// Path MTU news: what it means for inner packets is logged where it is acted on.
-		t.log.Debugf("carrier: sending to %s: %v (path MTU)", to, err)
-		return
-	case errors.Is(err, syscall.ENOBUFS):
-		t.log.limitedf(&t.limits.congestion, "carrier: sending to %s: %v (congestion on this host; dropped)", to, err)
-		return
-	}
-	t.carrierErrors.Add(int64(n))
-	if ue != nil {
-		t.unreachable.Store(true)
-	}
-	times := "once"
-	if n > 1 {
-		times = fmt.Sprintf("%d times", n)
-	}
-	t.log.limitedf(&t.limits.carrier, "carrier: sending to %s failed %s: %v", to, times, err)
-}
-
-// event hands an event to the control loop without blocking; if the queue is full the
-// event is dropped, and the condition that caused it will raise it again.
-func (t *tunnel) event(ev tunnelEvent) {
-	select {
-	case t.events <- ev:
-	default:
-	}
-}
+// wait returns when both data loops have ended: after stop is closed and the device and
+// the socket are closed.
+func (t *packetPath) wait() { t.wg.Wait() }
 
 // ---------------------------------------------------------------------------------------
 // Outbound: TUN → segment → seal → carrier.
@@ -493,10 +387,10 @@ func (o *outBatch) add(n int, ttl, tos uint8) []byte {
 // outbound is the state of the outbound loop; as the segmenter's sink it seals each
 // inner packet into the batch.
 type outbound struct {
-	mu     sync.Mutex  // guards all that follows (see tunnel.out)
+	mu     sync.Mutex  // guards all that follows (see packetPath.out)
 	frames *frameBatch // what the last read gave
 
-	t       *tunnel
+	t       *packetPath
 	seg     segmenter
 	batch   outBatch
 	peer    netip.AddrPort
@@ -589,7 +483,7 @@ func framePackets(f *tunFrame) int {
 	return 1
 }
 
-func (t *tunnel) routineReadFromTUN() {
+func (t *packetPath) routineReadFromTUN() {
 	out := t.out
 	if out.helper != nil {
 		defer out.helper.stop()
@@ -619,24 +513,24 @@ func (t *tunnel) routineReadFromTUN() {
 }
 
 // sendNow sends what the interface has ready now; the caller holds the outbound lock.
-func (t *tunnel) sendNow(out *outbound) {
+func (t *packetPath) sendNow(out *outbound) {
 	if err := t.port.readNow(out.frames); err == nil && len(out.frames.frames) > 0 {
 		t.sendFrames(out.frames.frames, out)
 	}
 }
 
 // sendFrames cuts, seals and sends the frames of one read.
-func (t *tunnel) sendFrames(frames []tunFrame, out *outbound) {
+func (t *packetPath) sendFrames(frames []tunFrame, out *outbound) {
 	peer := t.peer.Load()
 	now := time.Now()
 	out.session, out.packets, out.bytes = nil, 0, 0
-	if t.kx != nil {
+	if t.keyed {
 		out.session = t.keys.current.Load()
 		if !t.usable(out.session, now) {
 			out.session = nil
 		}
 	}
-	if peer == nil || (t.kx != nil && out.session == nil) {
+	if peer == nil || (t.keyed && out.session == nil) {
 		for i := range frames {
 			t.stats.dropNoSession.Add(uint64(framePackets(&frames[i])))
 		}
@@ -681,7 +575,7 @@ func (t *tunnel) sendFrames(frames []tunFrame, out *outbound) {
 }
 
 // flush seals what waits to be sealed, sends what the batch holds and empties it.
-func (t *tunnel) flush(out *outbound) {
+func (t *packetPath) flush(out *outbound) {
 	if len(out.jobs) > 0 {
 		out.sealPending()
 	}
@@ -708,7 +602,7 @@ func mayFragment(p []byte) bool {
 // "fragmentation needed" (IPv4) or "packet too big" (IPv6) naming mtu, written into the
 // interface towards the packet's sender; at most icmpPerSecond of them a second. Only
 // the outbound loop calls it.
-func (t *tunnel) tooBig(pkt []byte, mtu int) {
+func (t *packetPath) tooBig(pkt []byte, mtu int) {
 	t.stats.dropTooBig.Add(1)
 	if ok, _ := t.limits.icmp.allow(time.Now()); !ok {
 		return
@@ -743,7 +637,7 @@ func innerTTLAndTOS(p []byte) (ttl, tos uint8) {
 // ---------------------------------------------------------------------------------------
 // Inbound: carrier → open → replay check → TUN.
 
-func (t *tunnel) routineReadFromCarrier() {
+func (t *packetPath) routineReadFromCarrier() {
 	size := t.conn.receiveBufferSize(dataOverhead + t.cfg.mtu)
 	batch := carrierBatch
 	if size > dataOverhead+t.cfg.mtu {
@@ -789,7 +683,7 @@ func (t *tunnel) routineReadFromCarrier() {
 
 // receiveError counts an error of a carrier read; it reports whether it was an expected
 // one (the network's report of datagrams that did not arrive).
-func (t *tunnel) receiveError(err error) (expected bool) {
+func (t *packetPath) receiveError(err error) (expected bool) {
 	var ue *unreachableError
 	if errors.As(err, &ue) {
 		t.noteCarrierError(err)
@@ -803,8 +697,8 @@ func (t *tunnel) receiveError(err error) (expected bool) {
 // deliver writes a batch of inner packets to the interface, and sends at once what the
 // kernel answered within the write (an echo reply, TCP ACKs): that spares a wake-up of
 // the outbound loop. holdingOut says whether the caller holds the outbound lock. A write
-// error is handled here; it returns nil unless the tunnel is stopping.
-func (t *tunnel) deliver(pkts []innerPacket, holdingOut bool) error {
+// error is handled here; it returns nil unless the link is stopping.
+func (t *packetPath) deliver(pkts []innerPacket, holdingOut bool) error {
 	err := t.port.write(pkts)
 	if holdingOut {
 		t.sendNow(t.out)
@@ -844,7 +738,7 @@ type answerWatcher struct {
 	pauseUntil time.Time
 }
 
-func newAnswerWatcher(t *tunnel, conn nowReceiver) *answerWatcher {
+func newAnswerWatcher(t *packetPath, conn nowReceiver) *answerWatcher {
 	size := t.conn.receiveBufferSize(dataOverhead + t.cfg.mtu)
 	w := &answerWatcher{conn: conn, msgs: make([]carrierMsg, receiveNowBatch),
 		pkts:  make([]innerPacket, 0, receiveNowBatch*maxGSOSegments),
@@ -862,7 +756,7 @@ func newAnswerWatcher(t *tunnel, conn nowReceiver) *answerWatcher {
 // handles what comes as the inbound loop would; meanwhile it sends what the interface
 // has ready. It returns when something came, when the inbound loop holds the inbound
 // state (what comes is then the inbound loop's), or when the time is up.
-func (t *tunnel) watchForAnswer(out *outbound) {
+func (t *packetPath) watchForAnswer(out *outbound) {
 	w := t.watch
 	now := time.Now()
 	if now.Before(w.pauseUntil) || time.Duration(t.since(now)-t.lastInbound.Load()) < answerQuiet {
@@ -904,7 +798,7 @@ func (t *tunnel) watchForAnswer(out *outbound) {
 
 // inbound is the state of the inbound loop for one batch.
 type inbound struct {
-	t      *tunnel
+	t      *packetPath
 	nonces [2][12]byte
 	held   [3]*session // current, previous, unconfirmed: the sessions a message may name
 	peer   *netip.AddrPort
@@ -968,7 +862,7 @@ func (in *inbound) receive(msgs []carrierMsg, pkts []innerPacket) []innerPacket 
 		for len(b) > 0 {
 			d := b[:min(step, len(b))]
 			b = b[len(d):]
-			if t.kx == nil {
+			if !t.keyed {
 				pkts = in.plain(d, m.from, pkts)
 			} else {
 				in.sort(d, m.from)
@@ -1123,416 +1017,27 @@ func innerPacketOK(p []byte) bool {
 	return false
 }
 
-func (t *tunnel) logMalformed(msg []byte, from netip.AddrPort) {
+func (c *linkCore) logMalformed(msg []byte, from netip.AddrPort) {
 	if len(msg) > 0 && (msg[0]>>4 == 4 || msg[0]>>4 == 6) {
-		t.log.limitedf(&t.limits.plaintext, "dropped an unencrypted packet from %s (is the peer running with nokey?)", from)
+		c.log.limitedf(&c.limits.plaintext, "dropped an unencrypted packet from %s (is the peer running with nokey?)", from)
 		return
 	}
-	if t.log.debug {
-		t.log.limitedf(&t.limits.malformed, "dropped a malformed datagram of %d bytes from %s", len(msg), from)
+	if c.log.debug {
+		c.log.limitedf(&c.limits.malformed, "dropped a malformed datagram of %d bytes from %s", len(msg), from)
 	}
 }
 
 // queueExchange copies a key-exchange message to the control loop.
-func (t *tunnel) queueExchange(msg []byte, from netip.AddrPort) {
+func (c *linkCore) queueExchange(msg []byte, from netip.AddrPort) {
 	if len(msg) > exchangeMessageSize {
-		t.stats.dropMalformed.Add(1)
+		c.stats.dropMalformed.Add(1)
 		return
 	}
 	m := exchangeMsg{n: len(msg), from: from}
 	copy(m.buf[:], msg)
 	select {
-	case t.exchanges <- m:
+	case c.exchanges <- m:
 	default:
-		t.stats.dropExchangeQueueFull.Add(1)
+		c.stats.dropExchangeQueueFull.Add(1)
 	}
-}
-
-// ---------------------------------------------------------------------------------------
-// Control: key exchanges, timers, link state.
-
-func (t *tunnel) routineControl() {
-	defer close(t.ctlDone)
-	tick := min(t.cfg.tokxc, t.cfg.tokey)
-	for _, d := range []time.Duration{t.cfg.ping, t.cfg.toping} {
-		if d > 0 {
-			tick = min(tick, d)
-		}
-	}
-	tick = max(minTick, min(maxTick, tick/4))
-	ticker := time.NewTicker(tick)
-	defer ticker.Stop()
-	if t.kx == nil {
-		t.log.Printf("WARNING: nokey: traffic is sent UNENCRYPTED and UNAUTHENTICATED; use this for testing only")
-		if p := t.peer.Load(); p != nil {
-			t.linkUp(exchangePayload{})
-		}
-	} else {
-		t.tick(time.Now())
-	}
-	for {
-		select {
-		case <-t.stop:
-			t.shutdown()
-			return
-		case m := <-t.exchanges:
-			t.handleExchange(&m)
-		case ev := <-t.events:
-			t.handleEvent(ev)
-		case now := <-ticker.C:
-			if t.kx != nil {
-				t.tick(now)
-			}
-		}
-	}
-}
-
-func (t *tunnel) stopping() bool {
-	select {
-	case <-t.stop:
-		return true
-	default:
-		return false
-	}
-}
-
-// tick watches the link (toping, maxerr), sends keepalives (ping), expires sessions and
-// starts a key exchange when one is due (PROTOCOL.md §5).
-func (t *tunnel) tick(now time.Time) {
-	if t.keys.expire(now, t.rejectAfter()) && t.keys.current.Load() == nil {
-		t.linkDown("the session keys expired and no new ones could be agreed")
-	}
-	if t.link.up {
-		t.watchLink(now)
-	}
-	cur := t.keys.current.Load()
-	if cur != nil && cur.initiator && !cur.received.Load() && now.Sub(t.lastAsked) >= t.cfg.tokxc/2 {
-		t.askConfirmation(cur, now) // the last one, or its answer, was lost
-	}
-	due := cur == nil
-	if cur != nil {
-		age := now.Sub(cur.created)
-		due = (cur.initiator && age >= t.cfg.tokey) || (!cur.initiator && age >= t.cfg.tokey+t.cfg.tokxc) ||
-			cur.sendCounter.Load() >= t.rekeyAfter
-	}
-	if !due {
-		return
-	}
-	var to netip.AddrPort
-	if p := t.peer.Load(); p != nil {
-		to = *p
-	} else if next := t.keys.next.Load(); next != nil && cur == nil && now.Sub(next.created) >= t.cfg.tokxc {
-		// A dynamic peer that answered an initiation but never saw it confirmed (the
-		// confirming keepalive was lost) asks the same address itself.
-		to = t.candidate
-	}
-	if to.IsValid() {
-		t.initiate(now, to)
-	}
-}
-
-// initiate sends a new initiation to the address, unless one was sent less than tokxc
-// ago and is still waiting for its response. If the carrier reported the last one
-// unreachable (the peer was not running yet), it retries after unreachableRetry already.
-func (t *tunnel) initiate(now time.Time, to netip.AddrPort) {
-	if p := t.kx.pending; p != nil {
-		wait := t.cfg.tokxc
-		if t.unreachable.Load() {
-			wait = min(wait, unreachableRetry)
-		}
-		if now.Sub(p.sentAt) < wait {
-			return
-		}
-	}
-	t.unreachable.Store(false)
-	msg, err := t.kx.initiate(now)
-	if err != nil {
-		t.log.Printf("cannot start a key exchange: %v", err)
-		return
-	}
-	t.log.Debugf("sending key exchange initiation to %s", to)
-	t.sendControl(msg, to)
-}
-
-// watchLink applies toping, maxerr and ping to a link that is up.
-func (t *tunnel) watchLink(now time.Time) {
-	silent := time.Duration(t.since(now) - t.lastReceived.Load())
-	switch errs := t.carrierErrors.Load(); {
-	case t.cfg.toping > 0 && silent >= t.cfg.toping:
-		t.keys.clear()
-		t.linkDown(fmt.Sprintf("no word from the peer for %v (toping)", silent.Round(time.Second)))
-		return
-	case t.cfg.maxerr >= 0 && errs > int64(t.cfg.maxerr):
-		t.keys.clear()
-		t.linkDown(fmt.Sprintf("%d carrier errors since the last key exchange (maxerr %d)", errs, t.cfg.maxerr))
-		return
-	}
-	if t.cfg.ping <= 0 {
-		return
-	}
-	idle := time.Duration(t.since(now) - t.lastSent.Load())
-	switch cur := t.keys.current.Load(); {
-	case silent >= t.cfg.ping && now.Sub(t.lastPing) >= t.cfg.ping:
-		t.lastPing = now
-		t.sendKeepalive(cur, flagPing) // the answer shows the peer is alive
-	case idle >= t.cfg.ping:
-		t.sendKeepalive(cur, 0) // keeps NAT mappings open
-	}
-}
-
-// sendControl sends one message from the control loop.
-func (t *tunnel) sendControl(msg []byte, to netip.AddrPort) {
-	t.ctlMsg[0] = carrierMsg{buf: msg}
-	if err := t.conn.WriteBatch(t.ctlMsg[:], to); err != nil {
-		t.noteCarrierError(err)
-	}
-}
-
-// sendKeepalive sends an empty data message under s to the peer.
-func (t *tunnel) sendKeepalive(s *session, flags byte) {
-	p := t.peer.Load()
-	if s == nil || p == nil {
-		return
-	}
-	counter, ok := s.reserveCounters(1)
-	if !ok {
-		return
-	}
-	t.sendControl(s.seal(t.ctlBuf[:], 0, flags, counter, &t.ctlNonce), *p)
-	t.lastSent.Store(t.since(time.Now()))
-}
-
-func (t *tunnel) handleExchange(m *exchangeMsg) {
-	msg := m.buf[:m.n]
-	now := time.Now()
-	if t.kx == nil {
-		t.stats.dropMalformed.Add(1)
-		return
-	}
-	switch msg[offsetType] {
-	case messageInitiation:
-		resp, res, err := t.kx.consumeInitiation(msg, now)
-		if errors.Is(err, errCollisionWon) {
-			// The peer may never have seen ours (sent before it was listening, or lost):
-			// send the very same initiation again; if it did see it, it ignores the copy.
-			t.log.Debugf("key exchange collision with %s: ours wins, sending it again", m.from)
-			t.sendControl(t.kx.pending.message[:], m.from)
-			return
-		}
-		if err != nil {
-			t.exchangeRefused("initiation", err, m.from)
-			return
-		}
-		res.session.peer = res.peer
-		t.keys.setNext(res.session)
-		t.candidate = m.from
-		t.log.Debugf("answering key exchange initiation from %s", m.from)
-		t.sendControl(resp, m.from)
-	case messageResponse:
-		res, err := t.kx.consumeResponse(msg, now)
-		if err != nil {
-			t.exchangeRefused("response", err, m.from)
-			return
-		}
-		res.session.peer = res.peer
-		t.keys.rotate(res.session)
-		t.setPeer(m.from)
-		t.sessionEstablished(res.session)
-		t.askConfirmation(res.session, now)
-	}
-}
-
-// askConfirmation sends a keepalive under the session we initiated: the responder takes
-// the session as current when something arrives under it, and, asked for a keepalive in
-// return, answers under it. Until we hear from the peer under the session, tick asks
-// again every tokxc/2 (PROTOCOL.md §5): on an idle link a single lost keepalive would
-// leave the responder on its old session until that expires.
-func (t *tunnel) askConfirmation(s *session, now time.Time) {
-	t.lastAsked = now
-	t.sendKeepalive(s, flagPing)
-}
-
-// exchangeRefused logs a refused key-exchange message at a level fitting the reason.
-func (t *tunnel) exchangeRefused(what string, err error, from netip.AddrPort) {
-	t.stats.dropExchange.Add(1)
-	switch {
-	case errors.Is(err, errAuth):
-		t.log.limitedf(&t.limits.auth, "key exchange %s from %s failed authentication (different key?)", what, from)
-	case errors.Is(err, errStale), errors.Is(err, errNotWaiting), errors.Is(err, errMalformed):
-		t.log.Debugf("key exchange %s from %s ignored: %v", what, from, err)
-	default:
-		t.log.limitedf(&t.limits.exchange, "key exchange %s from %s refused: %v", what, from, err)
-	}
-}
-
-// setPeer makes addr the peer's carrier address, logging a change.
-func (t *tunnel) setPeer(addr netip.AddrPort) {
-	old := t.peer.Load()
-	if old != nil && *old == addr {
-		return
-	}
-	t.peer.Store(&addr)
-	if old == nil {
-		t.log.Printf("peer is %s", addr)
-	} else {
-		t.log.Printf("peer moved from %s to %s", *old, addr)
-	}
-}
-
-// sessionEstablished records a new current session and brings the link up if it was down.
-func (t *tunnel) sessionEstablished(s *session) {
-	t.stats.exchanges.Add(1)
-	t.viewMu.Lock()
-	t.view.lastExchange, t.view.cipher = time.Now(), s.suite.String()
-	t.viewMu.Unlock()
-	t.carrierErrors.Store(0)
-	t.lastReceived.Store(t.since(time.Now()))
-	role := "responder"
-	if s.initiator {
-		role = "initiator"
-	}
-	t.log.Debugf("new session %08x/%08x (%v, we were %s)", s.localIndex, s.remoteIndex, s.suite, role)
-	if !t.link.up {
-		t.linkUp(s.peer)
-	}
-}
-
-func (t *tunnel) handleEvent(ev tunnelEvent) {
-	switch ev.kind {
-	case eventConfirmed:
-		t.setPeer(ev.from)
-		t.sessionEstablished(ev.session)
-	case eventPeerMoved:
-		// Only for the session in use: a packet under an older one cannot move the peer.
-		if t.kx == nil || ev.session == t.keys.current.Load() {
-			t.setPeer(ev.from)
-		}
-		if t.kx == nil && !t.link.up {
-			t.linkUp(exchangePayload{})
-		}
-	case eventPingRequest:
-		t.sendKeepalive(t.keys.current.Load(), 0)
-	case eventGoodbye:
-		if ev.session == t.keys.current.Load() {
-			t.keys.clear()
-			t.linkDown("the peer shut down")
-		}
-	case eventUnknownSession:
-		// Only a peer that does not know where to send initiations needs this: one that
-		// does initiates on its own every tokxc.
-		if t.peer.Load() == nil && t.keys.current.Load() == nil {
-			t.initiate(time.Now(), ev.from)
-		}
-	}
-}
-
-// scriptArgs are CIPE's arguments for ip-up and ip-down (see scriptCall).
-func (t *tunnel) scriptArgs(ptp netip.Addr) [6]string {
-	local := t.conn.LocalAddr()
-	if p := t.peer.Load(); p != nil && local.Addr().IsUnspecified() {
-		local = netip.AddrPortFrom(sourceAddressFor(p.Addr(), local.Addr()), local.Port())
-	}
-	ptpText := ""
-	if ptp.IsValid() {
-		ptpText = ptp.String()
-	}
-	return [6]string{t.ifname, local.String(), strconv.Itoa(os.Getpid()), t.cfg.ipaddr.String(), ptpText, t.cfg.arg}
-}
-
-// sourceAddressFor asks the kernel which local address it would send to dst from.
-func sourceAddressFor(dst, fallback netip.Addr) netip.Addr {
-	c, err := net.DialUDP("udp", nil, net.UDPAddrFromAddrPort(netip.AddrPortFrom(dst, 9)))
-	if err != nil {
-		return fallback
-	}
-	defer c.Close()
-	return c.LocalAddr().(*net.UDPAddr).AddrPort().Addr().Unmap()
-}
-
-func (t *tunnel) linkUp(info exchangePayload) {
-	ptp := t.cfg.ptpaddr
-	if !ptp.IsValid() && info.addr.IsValid() {
-		ptp = info.addr
-		t.peerTunnelAddr.Store(&ptp)
-		if t.ifindex != 0 && ptp != t.link.configuredPtp {
-			if err := t.setInterfacePeer(ptp); err != nil {
-				t.log.Printf("cannot set the learned peer address %s on the interface: %v", ptp, err)
-			} else {
-				t.log.Printf("learned the peer's tunnel address %s", ptp)
-			}
-		}
-	}
-	if info.mtu != 0 && int(info.mtu) != t.cfg.mtu {
-		t.log.Printf("warning: the peer's mtu is %d, ours is %d; packets larger than the smaller one are lost", info.mtu, t.cfg.mtu)
-	}
-	t.link = linkState{up: true, since: time.Now(), args: t.scriptArgs(ptp), configuredPtp: t.link.configuredPtp, peerInfo: info}
-	t.up.Store(true)
-	peer := "unknown"
-	if p := t.peer.Load(); p != nil {
-		peer = p.String()
-	}
-	cipher := "none (nokey)"
-	if cur := t.keys.current.Load(); cur != nil {
-		cipher = cur.suite.String()
-	}
-	t.link.env = []string{"CIPED_PEER=" + peer, "CIPED_CIPHER=" + cipher, "CIPED_MTU=" + strconv.Itoa(t.cfg.mtu),
-		"CIPED_NETNS=" + strconv.FormatUint(netnsID(), 10)}
-	t.log.Printf("link up: peer %s, cipher %s", peer, cipher)
-	t.viewMu.Lock()
-	t.view.up, t.view.since, t.view.cipher, t.view.ptp = true, t.link.since, cipher, t.link.args[4]
-	t.viewMu.Unlock()
-	t.linkChanged(fmt.Sprintf("link up, peer %s, cipher %s", peer, cipher))
-	t.scripts.enqueue(scriptCall{name: "ip-up", path: t.cfg.ipup, args: t.link.args, env: t.link.env})
-}
-
-func (t *tunnel) linkDown(reason string) {
-	if !t.link.up {
-		return
-	}
-	t.link.up = false
-	t.up.Store(false)
-	t.log.Printf("link down: %s", reason)
-	t.viewMu.Lock()
-	t.view.up, t.view.since = false, time.Now()
-	t.viewMu.Unlock()
-	t.linkChanged("link down: " + reason)
-	env := append(append([]string(nil), t.link.env...), "CIPED_REASON="+reason)
-	t.scripts.enqueue(scriptCall{name: "ip-down", path: t.cfg.ipdown, args: t.link.args, env: env})
-}
-
-// linkChanged tells the hook, if any, of a change of the link.
-func (t *tunnel) linkChanged(status string) {
-	if t.onLinkChange != nil {
-		t.onLinkChange(status)
-	}
-}
-
-// logStatus writes the link's status to the log (on SIGUSR1).
-func (t *tunnel) logStatus() {
-	var b strings.Builder
-	formatStatus(&b, t.report(), netnsID())
-	for _, line := range strings.Split(strings.TrimSpace(b.String()), "\n") {
-		t.log.Printf("status: %s", strings.TrimSpace(line))
-	}
-}
-
-// setInterfacePeer replaces the interface address with one that names ptp as its peer.
-func (t *tunnel) setInterfacePeer(ptp netip.Addr) error {
-	if err := deleteAddress(t.ifindex, t.cfg.ipaddr, t.link.configuredPtp); err != nil {
-		return err
-	}
-	if err := addAddress(t.ifindex, t.cfg.ipaddr, ptp, t.cfg.metric); err != nil {
-		return err
-	}
-	t.link.configuredPtp = ptp
-	return nil
-}
-
-// shutdown tells the peer, takes the link down and forgets the keys.
-func (t *tunnel) shutdown() {
-	if t.kx != nil {
-		t.sendKeepalive(t.keys.current.Load(), flagGoodbye)
-	}
-	t.linkDown("shutting down")
-	t.keys.clear()
 }

@@ -34,7 +34,7 @@ func (w testLog) Write(p []byte) (int, error) {
 // testEnd is one side of an in-process link: a tunnel over a fake TUN and a loopback
 // UDP socket.
 type testEnd struct {
-	t    *tunnel
+	t    *linkLife
 	tun  *tuntest.ChannelTUN
 	cfg  *config
 	addr netip.AddrPort
@@ -99,10 +99,10 @@ func newTestPair(tb testing.TB, adjust func(a, b *config), wrapA ...func(carrier
 			conn = wrapA[0](conn)
 		}
 		dev := e.tun.TUN()
-		e.t = newTunnel(e.cfg, newLogger(w, "tun"+name, true), dev, &plainPort{dev: dev, mtu: e.cfg.mtu}, conn, "tun"+name, 0)
+		e.t = newLink(e.cfg, newLogger(w, "tun"+name, true), dev, &plainPort{dev: dev, mtu: e.cfg.mtu}, conn, "tun"+name, 0)
 	}
 	for _, e := range ends {
-		e.t.parallelCrypto = true // whatever the machine, exercise the two-core path too
+		e.t.data.parallelCrypto = true // whatever the machine, exercise the two-core path too
 		e.t.start()
 		tb.Cleanup(e.t.close)
 	}
@@ -385,8 +385,8 @@ func TestTunnelDynamicPeer(t *testing.T) {
 	if got := *b.t.peer.Load(); got != a.addr {
 		t.Errorf("b learned peer %s, want %s", got, a.addr)
 	}
-	if b.t.link.args[4] != "10.0.0.1" {
-		t.Errorf("b's scripts get ptpaddr %q, want the learned 10.0.0.1", b.t.link.args[4])
+	if b.t.state.args[4] != "10.0.0.1" {
+		t.Errorf("b's scripts get ptpaddr %q, want the learned 10.0.0.1", b.t.state.args[4])
 	}
 	b.send(t, numberedPing("10.0.0.2", "10.0.0.1", 3))
 	if got := a.receive(t); pingNumber(got) != 3 {
@@ -492,7 +492,7 @@ func (e *testEnd) restart(tb testing.TB) {
 		w = testLog{tb, "restarted"}
 	}
 	dev := e.tun.TUN()
-	e.t = newTunnel(e.cfg, newLogger(w, "tunR", true), dev, &plainPort{dev: dev, mtu: e.cfg.mtu}, conn, "tunR", 0)
+	e.t = newLink(e.cfg, newLogger(w, "tunR", true), dev, &plainPort{dev: dev, mtu: e.cfg.mtu}, conn, "tunR", 0)
 	e.t.start()
 	tb.Cleanup(e.t.close)
 }
@@ -626,7 +626,7 @@ func TestAnswerWatch(t *testing.T) {
 	cfg.peer = netip.MustParseAddrPort("127.0.0.1:9")
 	port := &recordingPort{}
 	conn := &scriptedCarrier{from: cfg.peer}
-	tn := newTunnel(cfg, newLogger(testLog{t: t, name: "watch"}, "watch", true), nil, port, conn, "watch", 0)
+	tn := newLink(cfg, newLogger(testLog{t: t, name: "watch"}, "watch", true), nil, port, conn, "watch", 0).data
 	tn.watch = newAnswerWatcher(tn, conn)
 	w := tn.watch
 	watch := func() time.Duration {
@@ -838,7 +838,7 @@ func TestConfirmationRepeated(t *testing.T) {
 	cfg.peer = netip.MustParseAddrPort("127.0.0.1:9")
 	cfg.tokxc, cfg.tokey = 2*time.Second, time.Hour
 	conn := &keptCarrier{}
-	tn := newTunnel(cfg, newLogger(testLog{t: t, name: "confirm"}, "confirm", true), nil, &recordingPort{}, conn, "confirm", 0)
+	tn := newLink(cfg, newLogger(testLog{t: t, name: "confirm"}, "confirm", true), nil, &recordingPort{}, conn, "confirm", 0)
 	si, sr := katSessions(t, cipherAES256GCM, 0x11223344, 0x55667788, 0)
 	tn.keys.rotate(si)
 

@@ -28,6 +28,7 @@ const (
 	maxGSOBytes         = 65000   // bytes per GSO message (under the 64 KiB of one IP packet)
 	groBufferSize       = 65536   // receive buffer per message when GRO is on
 	writeSlots          = 1024    // mmsghdrs for one sendmmsg (GSO messages split when GSO is off)
+	receiveNowBatch     = 4       // messages per recvmmsg of readNow (the answer watch's)
 )
 
 // carrierMsg is one message of a batch: a datagram, or with segSize > 0 a run of

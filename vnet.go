@@ -45,6 +45,7 @@ const (
 	tcpFlagCWR    = 0x80
 
 	maxSuperPacket = 65535 // largest IP packet, and so the largest coalesced one
+	maxRunPackets  = 64    // packets coalesced into one super-packet at most
 )
 
 var errBadFrame = errors.New("malformed frame from the interface")
@@ -401,7 +402,7 @@ func (r *tcpRun) extends(first, p *innerPacket) (ok, last bool) {
 
 // nextRun finds the run that begins at pkts[i]: pkts[i:j] become one packet for the
 // interface (j == i+1: pkts[i] alone, and run is not used). With coalesce false every
-// packet stands alone. A run holds at most maxWriteIovecs-2 packets, so that one writev
+// packet stands alone. A run holds at most maxRunPackets packets, so that one writev
 // takes it (virtio header, first packet, the others' payloads); psh says whether its last
 // segment had PSH.
 func nextRun(pkts []innerPacket, i int, coalesce bool) (j int, run tcpRun, psh bool) {
@@ -410,7 +411,7 @@ func nextRun(pkts []innerPacket, i int, coalesce bool) (j int, run tcpRun, psh b
 	if coalesce {
 		run, ok = startRun(&pkts[i])
 	}
-	for ok && j < len(pkts) && j-i < maxWriteIovecs-2 {
+	for ok && j < len(pkts) && j-i < maxRunPackets {
 		more, last := run.extends(&pkts[i], &pkts[j])
 		if !more {
 			break

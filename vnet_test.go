@@ -416,7 +416,7 @@ func TestSendFramesLargerThanTheArena(t *testing.T) {
 	cfg := testConfig("10.0.0.1", "10.0.0.2")
 	cfg.peer = netip.MustParseAddrPort("198.18.0.2:6000")
 	sink := &sinkCarrier{}
-	tn := newTunnel(cfg, newLogger(io.Discard, "t", false), nil, nil, sink, "t", 0)
+	tn := newLink(cfg, newLogger(io.Discard, "t", false), nil, nil, sink, "t", 0).data
 	si, _ := katSessions(t, cipherAES256GCM, 1, 2, 0)
 	si.created = time.Now()
 	tn.keys.rotate(si)
@@ -436,7 +436,7 @@ func TestSendFramesLargerThanTheArena(t *testing.T) {
 func TestParallelSealAndOpen(t *testing.T) {
 	h, tmpl := tsoFrame(65535-52, 1388)
 	si, _ := katSessions(t, cipherAES256GCM, 1, 2, 0)
-	tn := newTunnel(testConfig("10.0.0.1", "10.0.0.2"), newLogger(io.Discard, "t", false), nil, nil, &sinkCarrier{}, "t", 0)
+	tn := newLink(testConfig("10.0.0.1", "10.0.0.2"), newLogger(io.Discard, "t", false), nil, nil, &sinkCarrier{}, "t", 0).data
 	seal := func(parallel bool) []carrierMsg {
 		out := &outbound{t: tn, batch: outBatch{arena: make([]byte, outArenaSize)}, session: si, parallel: parallel}
 		if parallel {

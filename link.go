@@ -1,0 +1,572 @@
+package main
+
+// The link's life: the control loop (RoutineControl, one goroutine) and everything only it
+// touches. It runs the key exchanges and the link's timers (tick: rekeying, retries,
+// confirmation, expiry), keeps the link state machine (up or down, why, since), watches
+// liveness (ping, toping, maxerr), runs the scripts, keeps the status view and tells the
+// notify hook of changes. It talks to the packet path (tunnel.go) only through the core:
+// it publishes sessions and the peer's addresses there, reads the liveness timestamps and
+// counters, and receives key-exchange messages and events from the data loops through the
+// core's two queues. It sends its own few messages (initiations, responses, keepalives)
+// through the carrier, which is safe for concurrent use.
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"golang.zx2c4.com/wireguard/tun"
+)
+
+const (
+	minTick, maxTick = 10 * time.Millisecond, time.Second // the control loop's timer
+	unreachableRetry = time.Second                        // retry of an initiation the carrier reported unreachable
+)
+
+// linkLife is one running link: its packet path and its life. Make one with newLink, start
+// it with start, stop it with close.
+type linkLife struct {
+	*linkCore
+	data    *packetPath
+	ifindex int          // 0: do not configure the interface (in-process tests)
+	kx      *keyExchange // nil with nokey
+	scripts *scriptRunner
+
+	// rekeyAfter is the number of packets sent under a session before a new exchange;
+	// tests lower it before start.
+	rekeyAfter uint64
+	// wallSkew is added to the wall clock the key exchange reads (its only use of the
+	// wall clock: timers run on the monotonic clock); tests jump it.
+	wallSkew atomic.Int64
+
+	// What readers outside the control loop may know of the link (status), and a hook
+	// told of link changes (systemd's STATUS line).
+	viewMu       sync.Mutex
+	view         linkView
+	onLinkChange func(status string)
+
+	// Control loop state.
+	state     linkState
+	answered  map[*session]exchangePayload // what the peer said in the exchanges we answered, until confirmed
+	candidate netip.AddrPort               // where the last valid initiation came from
+	lastPing  time.Time                    // when we last asked the peer for a keepalive
+	lastAsked time.Time                    // when we last asked the peer to confirm our new session
+	ctlBuf    [dataOverhead]byte
+	ctlNonce  [12]byte
+	ctlMsg    [1]carrierMsg
+
+	stopOnce sync.Once
+	ctlDone  chan struct{} // closed when the control loop has finished its shutdown work
+	wg       sync.WaitGroup
+}
+
+// linkState is what the control loop knows of the link.
+type linkState struct {
+	up            bool
+	since         time.Time
+	args          [6]string       // the scripts' arguments while up
+	env           []string        // and their environment
+	configuredPtp netip.Addr      // peer address currently on the interface
+	peerInfo      exchangePayload // what the peer told us in the last exchange
+}
+
+// linkView is what the control loop knows of the link, copied out for readers under
+// viewMu whenever it changes (rarely: link up and down, key exchanges).
+type linkView struct {
+	up           bool
+	since        time.Time
+	lastExchange time.Time
+	cipher       string
+	ptp          string
+}
+
+// newLink builds a link over an open TUN device (read and written through port) and
+// carrier. ifindex 0 skips interface configuration.
+func newLink(cfg *config, log *logger, dev tun.Device, port tunPort, conn carrier, ifname string, ifindex int) *linkLife {
+	c := newLinkCore(cfg, log, conn, ifname)
+	l := &linkLife{linkCore: c, data: newPacketPath(c, dev, port), ifindex: ifindex, rekeyAfter: rekeyAfterPackets,
+		answered: map[*session]exchangePayload{}, ctlDone: make(chan struct{})}
+	if cfg.key != nil {
+		l.kx = &keyExchange{
+			cfg: exchangeConfig{secrets: deriveLinkSecrets(*cfg.key), ciphers: cfg.ciphers, mtu: cfg.mtu,
+				addr: cfg.ipaddr, expected: cfg.ptpaddr, tokxts: cfg.tokxts},
+			wallClock:  l.wallClock,
+			indexInUse: l.keys.holdsIndex,
+		}
+	}
+	l.state.configuredPtp = cfg.ptpaddr
+	if cfg.ptpaddr.IsValid() {
+		l.view.ptp = cfg.ptpaddr.String()
+	}
+	l.scripts = newScriptRunner(log)
+	return l
+}
+
+// start runs the data loops, the control loop and the watch on the interface's events.
+func (l *linkLife) start() {
+	l.data.start()
+	l.wg.Add(2)
+	go func() { defer l.wg.Done(); l.routineControl() }()
+	go func() { defer l.wg.Done(); l.routineInterfaceEvents() }()
+}
+
+// close takes the link down (ip-down, goodbye to the peer), waits for the scripts,
+// closes the device and the socket and waits for every goroutine. It may be called more
+// than once; every call returns when all is done.
+func (l *linkLife) close() {
+	l.stopOnce.Do(func() {
+		close(l.stop)
+		<-l.ctlDone
+		l.scripts.close()
+		l.data.tun.Close()
+		l.conn.Close()
+		l.data.wait()
+		l.wg.Wait()
+	})
+}
+
+// routineInterfaceEvents logs what the device reports: an MTU changed from outside, the
+// interface going down. It ends when the device is closed.
+func (l *linkLife) routineInterfaceEvents() {
+	for ev := range l.data.tun.Events() {
+		if ev&tun.EventMTUUpdate != 0 {
+			if mtu, err := l.data.tun.MTU(); err == nil && mtu != l.cfg.mtu {
+				l.log.Printf("warning: the interface MTU was changed to %d from outside; ciped sends and receives at most mtu=%d", mtu, l.cfg.mtu)
+			}
+		}
+		if ev&tun.EventDown != 0 {
+			l.log.Debugf("the interface is down")
+		}
+	}
+}
+
+// rejectAfter is the lifetime of a session (PROTOCOL.md §5).
+func (l *linkLife) rejectAfter() time.Duration { return sessionLifetime(l.cfg.tokey, l.cfg.tokxc) }
+
+// wallClock is the wall clock of the key exchange's timestamps.
+func (l *linkLife) wallClock() time.Time { return time.Now().Add(time.Duration(l.wallSkew.Load())) }
+
+// report takes a snapshot of the link for status readers. It may be called from any
+// goroutine.
+func (l *linkLife) report() statusReport {
+	l.viewMu.Lock()
+	v := l.view
+	l.viewMu.Unlock()
+	s := &l.stats
+	r := statusReport{
+		Interface: l.ifname, PID: os.Getpid(), Netns: netnsID(), Version: versionString(),
+		Link: "down", Since: v.since, Local: l.conn.LocalAddr().String(),
+		TunnelAddress: l.cfg.ipaddr.String(), PeerAddress: v.ptp, MTU: l.cfg.mtu,
+		Cipher: v.cipher, LastExchange: v.lastExchange, KeyExchanges: s.exchanges.Load(),
+		Sent:     trafficCounts{Packets: s.txPackets.Load(), Bytes: s.txBytes.Load()},
+		Received: trafficCounts{Packets: s.rxPackets.Load(), Bytes: s.rxBytes.Load()},
+		Dropped: droppedCounts{Auth: s.dropAuth.Load(), Replay: s.dropReplay.Load(), Malformed: s.dropMalformed.Load(),
+			UnknownSession: s.dropUnknown.Load(), NoSession: s.dropNoSession.Load(), TooBig: s.dropTooBig.Load(),
+			KeyExchange: s.dropExchange.Load() + s.dropExchangeQueueFull.Load()},
+		Errors: errorCounts{Carrier: s.carrierErrors.Load(), Interface: s.tunErrors.Load()},
+		Time:   time.Now(),
+		Options: statusSettings{Tokey: l.cfg.tokey.String(), Tokxc: l.cfg.tokxc.String(), Ping: l.cfg.ping.String(),
+			Toping: l.cfg.toping.String(), Maxerr: l.cfg.maxerr},
+	}
+	if v.up {
+		r.Link = "up"
+	}
+	if p := l.peer.Load(); p != nil {
+		r.Peer = p.String()
+	}
+	return r
+}
+
+// ---------------------------------------------------------------------------------------
+// The control loop.
+
+func (l *linkLife) routineControl() {
+	defer close(l.ctlDone)
+	tick := min(l.cfg.tokxc, l.cfg.tokey)
+	for _, d := range []time.Duration{l.cfg.ping, l.cfg.toping} {
+		if d > 0 {
+			tick = min(tick, d)
+		}
+	}
+	tick = max(minTick, min(maxTick, tick/4))
+	ticker := time.NewTicker(tick)
+	defer ticker.Stop()
+	if l.kx == nil {
+		l.log.Printf("WARNING: nokey: traffic is sent UNENCRYPTED and UNAUTHENTICATED; use this for testing only")
+		if p := l.peer.Load(); p != nil {
+			l.linkUp(exchangePayload{})
+		}
+	} else {
+		l.tick(time.Now())
+	}
+	for {
+		select {
+		case <-l.stop:
+			l.shutdown()
+			return
+		case m := <-l.exchanges:
+			l.handleExchange(&m)
+		case ev := <-l.events:
+			l.handleEvent(ev)
+		case now := <-ticker.C:
+			if l.kx != nil {
+				l.tick(now)
+			}
+		}
+	}
+}
+
+// tick watches the link (toping, maxerr), sends keepalives (ping), expires sessions and
+// starts a key exchange when one is due (PROTOCOL.md §5).
+func (l *linkLife) tick(now time.Time) {
+	if l.keys.expire(now, l.rejectAfter()) && l.keys.current.Load() == nil {
+		l.linkDown("the session keys expired and no new ones could be agreed")
+	}
+	if l.state.up {
+		l.watchLink(now)
+	}
+	cur := l.keys.current.Load()
+	if cur != nil && cur.initiator && !cur.received.Load() && now.Sub(l.lastAsked) >= l.cfg.tokxc/2 {
+		l.askConfirmation(cur, now) // the last one, or its answer, was lost
+	}
+	due := cur == nil
+	if cur != nil {
+		age := now.Sub(cur.created)
+		due = (cur.initiator && age >= l.cfg.tokey) || (!cur.initiator && age >= l.cfg.tokey+l.cfg.tokxc) ||
+			cur.sendCounter.Load() >= l.rekeyAfter
+	}
+	if !due {
+		return
+	}
+	var to netip.AddrPort
+	if p := l.peer.Load(); p != nil {
+		to = *p
+	} else if next := l.keys.next.Load(); next != nil && cur == nil && now.Sub(next.created) >= l.cfg.tokxc {
+		// A dynamic peer that answered an initiation but never saw it confirmed (the
+		// confirming keepalive was lost) asks the same address itself.
+		to = l.candidate
+	}
+	if to.IsValid() {
+		l.initiate(now, to)
+	}
+}
+
+// initiate sends a new initiation to the address, unless one was sent less than tokxc
+// ago and is still waiting for its response. If the carrier reported the last one
+// unreachable (the peer was not running yet), it retries after unreachableRetry already.
+func (l *linkLife) initiate(now time.Time, to netip.AddrPort) {
+	if p := l.kx.pending; p != nil {
+		wait := l.cfg.tokxc
+		if l.unreachable.Load() {
+			wait = min(wait, unreachableRetry)
+		}
+		if now.Sub(p.sentAt) < wait {
+			return
+		}
+	}
+	l.unreachable.Store(false)
+	msg, err := l.kx.initiate(now)
+	if err != nil {
+		l.log.Printf("cannot start a key exchange: %v", err)
+		return
+	}
+	l.log.Debugf("sending key exchange initiation to %s", to)
+	l.sendControl(msg, to)
+}
+
+// watchLink applies toping, maxerr and ping to a link that is up.
+func (l *linkLife) watchLink(now time.Time) {
+	silent := time.Duration(l.since(now) - l.lastReceived.Load())
+	switch errs := l.carrierErrors.Load(); {
+	case l.cfg.toping > 0 && silent >= l.cfg.toping:
+		l.keys.clear()
+		l.linkDown(fmt.Sprintf("no word from the peer for %v (toping)", silent.Round(time.Second)))
+		return
+	case l.cfg.maxerr >= 0 && errs > int64(l.cfg.maxerr):
+		l.keys.clear()
+		l.linkDown(fmt.Sprintf("%d carrier errors since the last key exchange (maxerr %d)", errs, l.cfg.maxerr))
+		return
+	}
+	if l.cfg.ping <= 0 {
+		return
+	}
+	idle := time.Duration(l.since(now) - l.lastSent.Load())
+	switch cur := l.keys.current.Load(); {
+	case silent >= l.cfg.ping && now.Sub(l.lastPing) >= l.cfg.ping:
+		l.lastPing = now
+		l.sendKeepalive(cur, flagPing) // the answer shows the peer is alive
+	case idle >= l.cfg.ping:
+		l.sendKeepalive(cur, 0) // keeps NAT mappings open
+	}
+}
+
+// sendControl sends one message from the control loop.
+func (l *linkLife) sendControl(msg []byte, to netip.AddrPort) {
+	l.ctlMsg[0] = carrierMsg{buf: msg}
+	if err := l.conn.WriteBatch(l.ctlMsg[:], to); err != nil {
+		l.noteCarrierError(err)
+	}
+}
+
+// sendKeepalive sends an empty data message under s to the peer.
+func (l *linkLife) sendKeepalive(s *session, flags byte) {
+	p := l.peer.Load()
+	if s == nil || p == nil {
+		return
+	}
+	counter, ok := s.reserveCounters(1)
+	if !ok {
+		return
+	}
+	l.sendControl(s.seal(l.ctlBuf[:], 0, flags, counter, &l.ctlNonce), *p)
+	l.lastSent.Store(l.since(time.Now()))
+}
+
+func (l *linkLife) handleExchange(m *exchangeMsg) {
+	msg := m.buf[:m.n]
+	now := time.Now()
+	if l.kx == nil {
+		l.stats.dropMalformed.Add(1)
+		return
+	}
+	switch msg[offsetType] {
+	case messageInitiation:
+		resp, res, err := l.kx.consumeInitiation(msg, now)
+		if errors.Is(err, errCollisionWon) {
+			// The peer may never have seen ours (sent before it was listening, or lost):
+			// send the very same initiation again; if it did see it, it ignores the copy.
+			l.log.Debugf("key exchange collision with %s: ours wins, sending it again", m.from)
+			l.sendControl(l.kx.pending.message[:], m.from)
+			return
+		}
+		if err != nil {
+			l.exchangeRefused("initiation", err, m.from)
+			return
+		}
+		l.keys.setNext(res.session)
+		l.answered[res.session] = res.peer
+		for s := range l.answered { // only the sessions still held (at most three)
+			if !l.keys.holdsIndex(s.localIndex) {
+				delete(l.answered, s)
+			}
+		}
+		l.candidate = m.from
+		l.log.Debugf("answering key exchange initiation from %s", m.from)
+		l.sendControl(resp, m.from)
+	case messageResponse:
+		res, err := l.kx.consumeResponse(msg, now)
+		if err != nil {
+			l.exchangeRefused("response", err, m.from)
+			return
+		}
+		l.keys.rotate(res.session)
+		l.setPeer(m.from)
+		l.sessionEstablished(res.session, res.peer)
+		l.askConfirmation(res.session, now)
+	}
+}
+
+// askConfirmation sends a keepalive under the session we initiated: the responder takes
+// the session as current when something arrives under it, and, asked for a keepalive in
+// return, answers under it. Until we hear from the peer under the session, tick asks
+// again every tokxc/2 (PROTOCOL.md §5): on an idle link a single lost keepalive would
+// leave the responder on its old session until that expires.
+func (l *linkLife) askConfirmation(s *session, now time.Time) {
+	l.lastAsked = now
+	l.sendKeepalive(s, flagPing)
+}
+
+// exchangeRefused logs a refused key-exchange message at a level fitting the reason.
+func (l *linkLife) exchangeRefused(what string, err error, from netip.AddrPort) {
+	l.stats.dropExchange.Add(1)
+	switch {
+	case errors.Is(err, errAuth):
+		l.log.limitedf(&l.limits.auth, "key exchange %s from %s failed authentication (different key?)", what, from)
+	case errors.Is(err, errStale), errors.Is(err, errNotWaiting), errors.Is(err, errMalformed):
+		l.log.Debugf("key exchange %s from %s ignored: %v", what, from, err)
+	default:
+		l.log.limitedf(&l.limits.exchange, "key exchange %s from %s refused: %v", what, from, err)
+	}
+}
+
+// setPeer makes addr the peer's carrier address, logging a change.
+func (l *linkLife) setPeer(addr netip.AddrPort) {
+	old := l.peer.Load()
+	if old != nil && *old == addr {
+		return
+	}
+	l.peer.Store(&addr)
+	if old == nil {
+		l.log.Printf("peer is %s", addr)
+	} else {
+		l.log.Printf("peer moved from %s to %s", *old, addr)
+	}
+}
+
+// sessionEstablished records a new current session, made by an exchange in which the
+// peer told us info, and brings the link up if it was down.
+func (l *linkLife) sessionEstablished(s *session, info exchangePayload) {
+	l.stats.exchanges.Add(1)
+	l.viewMu.Lock()
+	l.view.lastExchange, l.view.cipher = time.Now(), s.suite.String()
+	l.viewMu.Unlock()
+	l.carrierErrors.Store(0)
+	l.lastReceived.Store(l.since(time.Now()))
+	role := "responder"
+	if s.initiator {
+		role = "initiator"
+	}
+	l.log.Debugf("new session %08x/%08x (%v, we were %s)", s.localIndex, s.remoteIndex, s.suite, role)
+	if !l.state.up {
+		l.linkUp(info)
+	}
+}
+
+func (l *linkLife) handleEvent(ev tunnelEvent) {
+	switch ev.kind {
+	case eventConfirmed:
+		info := l.answered[ev.session]
+		delete(l.answered, ev.session)
+		l.setPeer(ev.from)
+		l.sessionEstablished(ev.session, info)
+	case eventPeerMoved:
+		// Only for the session in use: a packet under an older one cannot move the peer.
+		if l.kx == nil || ev.session == l.keys.current.Load() {
+			l.setPeer(ev.from)
+		}
+		if l.kx == nil && !l.state.up {
+			l.linkUp(exchangePayload{})
+		}
+	case eventPingRequest:
+		l.sendKeepalive(l.keys.current.Load(), 0)
+	case eventGoodbye:
+		if ev.session == l.keys.current.Load() {
+			l.keys.clear()
+			l.linkDown("the peer shut down")
+		}
+	case eventUnknownSession:
+		// Only a peer that does not know where to send initiations needs this: one that
+		// does initiates on its own every tokxc.
+		if l.peer.Load() == nil && l.keys.current.Load() == nil {
+			l.initiate(time.Now(), ev.from)
+		}
+	}
+}
+
+// scriptArgs are CIPE's arguments for ip-up and ip-down (see scriptCall).
+func (l *linkLife) scriptArgs(ptp netip.Addr) [6]string {
+	local := l.conn.LocalAddr()
+	if p := l.peer.Load(); p != nil && local.Addr().IsUnspecified() {
+		local = netip.AddrPortFrom(sourceAddressFor(p.Addr(), local.Addr()), local.Port())
+	}
+	ptpText := ""
+	if ptp.IsValid() {
+		ptpText = ptp.String()
+	}
+	return [6]string{l.ifname, local.String(), strconv.Itoa(os.Getpid()), l.cfg.ipaddr.String(), ptpText, l.cfg.arg}
+}
+
+// sourceAddressFor asks the kernel which local address it would send to dst from.
+func sourceAddressFor(dst, fallback netip.Addr) netip.Addr {
+	c, err := net.DialUDP("udp", nil, net.UDPAddrFromAddrPort(netip.AddrPortFrom(dst, 9)))
+	if err != nil {
+		return fallback
+	}
+	defer c.Close()
+	return c.LocalAddr().(*net.UDPAddr).AddrPort().Addr().Unmap()
+}
+
+func (l *linkLife) linkUp(info exchangePayload) {
+	ptp := l.cfg.ptpaddr
+	if !ptp.IsValid() && info.addr.IsValid() {
+		ptp = info.addr
+		l.peerTunnelAddr.Store(&ptp)
+		if l.ifindex != 0 && ptp != l.state.configuredPtp {
+			if err := l.setInterfacePeer(ptp); err != nil {
+				l.log.Printf("cannot set the learned peer address %s on the interface: %v", ptp, err)
+			} else {
+				l.log.Printf("learned the peer's tunnel address %s", ptp)
+			}
+		}
+	}
+	if info.mtu != 0 && int(info.mtu) != l.cfg.mtu {
+		l.log.Printf("warning: the peer's mtu is %d, ours is %d; packets larger than the smaller one are lost", info.mtu, l.cfg.mtu)
+	}
+	l.state = linkState{up: true, since: time.Now(), args: l.scriptArgs(ptp), configuredPtp: l.state.configuredPtp, peerInfo: info}
+	l.up.Store(true)
+	peer := "unknown"
+	if p := l.peer.Load(); p != nil {
+		peer = p.String()
+	}
+	cipher := "none (nokey)"
+	if cur := l.keys.current.Load(); cur != nil {
+		cipher = cur.suite.String()
+	}
+	l.state.env = []string{"CIPED_PEER=" + peer, "CIPED_CIPHER=" + cipher, "CIPED_MTU=" + strconv.Itoa(l.cfg.mtu),
+		"CIPED_NETNS=" + strconv.FormatUint(netnsID(), 10)}
+	l.log.Printf("link up: peer %s, cipher %s", peer, cipher)
+	l.viewMu.Lock()
+	l.view.up, l.view.since, l.view.cipher, l.view.ptp = true, l.state.since, cipher, l.state.args[4]
+	l.viewMu.Unlock()
+	l.linkChanged(fmt.Sprintf("link up, peer %s, cipher %s", peer, cipher))
+	l.scripts.enqueue(scriptCall{name: "ip-up", path: l.cfg.ipup, args: l.state.args, env: l.state.env})
+}
+
+func (l *linkLife) linkDown(reason string) {
+	if !l.state.up {
+		return
+	}
+	l.state.up = false
+	l.up.Store(false)
+	l.log.Printf("link down: %s", reason)
+	l.viewMu.Lock()
+	l.view.up, l.view.since = false, time.Now()
+	l.viewMu.Unlock()
+	l.linkChanged("link down: " + reason)
+	env := append(append([]string(nil), l.state.env...), "CIPED_REASON="+reason)
+	l.scripts.enqueue(scriptCall{name: "ip-down", path: l.cfg.ipdown, args: l.state.args, env: env})
+}
+
+// linkChanged tells the hook, if any, of a change of the link.
+func (l *linkLife) linkChanged(status string) {
+	if l.onLinkChange != nil {
+		l.onLinkChange(status)
+	}
+}
+
+// logStatus writes the link's status to the log (on SIGUSR1).
+func (l *linkLife) logStatus() {
+	var b strings.Builder
+	formatStatus(&b, l.report(), netnsID())
+	for _, line := range strings.Split(strings.TrimSpace(b.String()), "\n") {
+		l.log.Printf("status: %s", strings.TrimSpace(line))
+	}
+}
+
+// setInterfacePeer replaces the interface address with one that names ptp as its peer.
+func (l *linkLife) setInterfacePeer(ptp netip.Addr) error {
+	if err := deleteAddress(l.ifindex, l.cfg.ipaddr, l.state.configuredPtp); err != nil {
+		return err
+	}
+	if err := addAddress(l.ifindex, l.cfg.ipaddr, ptp, l.cfg.metric); err != nil {
+		return err
+	}
+	l.state.configuredPtp = ptp
+	return nil
+}
+
+// shutdown tells the peer, takes the link down and forgets the keys.
+func (l *linkLife) shutdown() {
+	if l.kx != nil {
+		l.sendKeepalive(l.keys.current.Load(), flagGoodbye)
+	}
+	l.linkDown("shutting down")
+	l.keys.clear()
+}
