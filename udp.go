@@ -23,13 +23,17 @@ import (
 
 const (
 	carrierSocketBuffer = 4 << 20 // bytes of kernel socket buffer in each direction
-	cmsgRoom            = 64      // control bytes per message: TTL, TOS and segment size
 	maxGSOSegments      = 64      // datagrams per GSO message (the kernel takes up to 64 or 128)
 	maxGSOBytes         = 65000   // bytes per GSO message (under the 64 KiB of one IP packet)
 	groBufferSize       = 65536   // receive buffer per message when GRO is on
 	writeSlots          = 1024    // mmsghdrs for one sendmmsg (GSO messages split when GSO is off)
 	receiveNowBatch     = 4       // messages per recvmmsg of readNow (the answer watch's)
 )
+
+// cmsgRoom is the room for one message's control data: the most putCmsgs writes (TTL,
+// TOS and the GSO segment size, each in its own aligned cmsghdr), and more than the
+// UDP_GRO a received message carries.
+var cmsgRoom = 2*unix.CmsgSpace(4) + unix.CmsgSpace(2)
 
 // carrierMsg is one message of a batch: a datagram, or with segSize > 0 a run of
 // datagrams of segSize bytes each (the last may be shorter) sent or received as one.
