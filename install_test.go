@@ -91,7 +91,7 @@ func TestSystemdUnit(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, want := range []string{"Type=notify", "ExecStart=/usr/local/sbin/ciped -o /etc/cipe/options.%i",
-		"Restart=on-failure", "DeviceAllow=/dev/net/tun rw", "CAP_NET_ADMIN", "KillMode=mixed"} {
+		"Restart=on-failure", "DeviceAllow=/dev/net/tun rw", "CAP_NET_ADMIN", "KillMode=mixed", "LimitCORE=0"} {
 		if !bytes.Contains(unit, []byte(want)) {
 			t.Errorf("the unit lacks %q", want)
 		}

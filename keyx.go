@@ -275,6 +275,7 @@ var (
 	errReflected      = errors.New("peer claims our own tunnel address (reflected message?)")
 	errNoCommonCipher = errors.New("no cipher in common with the peer")
 	errCollisionWon   = errors.New("our own initiation wins the collision")
+	errAddrChanged    = errors.New("the peer claims another tunnel address than the one learned")
 )
 
 // exchangeConfig is what the key exchange needs to know about this side of the link.
@@ -284,6 +285,7 @@ type exchangeConfig struct {
 	mtu      int           // our interface MTU, sent to the peer
 	addr     netip.Addr    // our tunnel address (ipaddr)
 	expected netip.Addr    // the peer's tunnel address (ptpaddr); invalid: learn it
+	learned  bool          // expected was learned from the peer, not configured
 	tokxts   time.Duration // 0: no timestamp window
 }
 
@@ -297,6 +299,9 @@ type keyExchange struct {
 	lastPeerTime uint64                  // greatest initiation timestamp we accepted
 	indexInUse   func(index uint32) bool // reports indices of live sessions; may be nil
 	random       io.Reader               // source of indices; nil: crypto/rand
+	// acceptAddr, if set, judges the tunnel address a peer claims while it is still to
+	// be learned (no expected address): nil accepts it.
+	acceptAddr func(netip.Addr) error
 }
 
 type pendingInitiation struct {
@@ -339,12 +344,18 @@ func (kx *keyExchange) checkPeerPayload(p exchangePayload) error {
 	switch {
 	case p.addr == kx.cfg.addr:
 		return errReflected
+	case kx.cfg.learned && p.addr != kx.cfg.expected:
+		return fmt.Errorf("%w: it says %s, it was %s (restart this ciped to let it change)", errAddrChanged, p.addr, kx.cfg.expected)
 	case kx.cfg.expected.IsValid() && p.addr != kx.cfg.expected:
 		return fmt.Errorf("peer's tunnel address is %s but ptpaddr is %s", p.addr, kx.cfg.expected)
 	case p.expected.IsValid() && p.expected != kx.cfg.addr:
 		return fmt.Errorf("peer expects our tunnel address to be %s but ipaddr is %s", p.expected, kx.cfg.addr)
 	case !p.addr.IsValid() || p.addr.Is4() != kx.cfg.addr.Is4():
 		return fmt.Errorf("peer's tunnel address %s is not of our ipaddr's family", p.addr)
+	case !kx.cfg.expected.IsValid() && kx.acceptAddr != nil:
+		if err := kx.acceptAddr(p.addr); err != nil {
+			return fmt.Errorf("peer's tunnel address %s cannot be ours to learn: %w", p.addr, err)
+		}
 	}
 	return nil
 }
@@ -493,4 +504,27 @@ func bitsSet(b uint8) int {
 		n++
 	}
 	return n
+}
+
+// unknownSession builds the answer to a data message for a session we do not hold
+// (PROTOCOL.md §4.5): its receiver index and counter, under the mac.
+func (kx *keyExchange) unknownSession(receiver uint32, counter uint64) []byte {
+	m := make([]byte, 0, unknownSessionSize)
+	m = append(m, protocolVersion, messageUnknownSession, 0, 0)
+	m = binary.BigEndian.AppendUint32(m, receiver)
+	m = binary.BigEndian.AppendUint64(m, counter)
+	mac := kx.cfg.secrets.mac(m)
+	return append(m, mac[:]...)
+}
+
+// consumeUnknownSession checks an unknown-session message (PROTOCOL.md §4.5) and returns
+// the receiver index and counter it names.
+func (kx *keyExchange) consumeUnknownSession(msg []byte) (receiver uint32, counter uint64, err error) {
+	if len(msg) != unknownSessionSize || msg[offsetVersion] != protocolVersion || msg[offsetType] != messageUnknownSession {
+		return 0, 0, errMalformed
+	}
+	if !kx.cfg.secrets.macValid(msg[:unknownSessionOffMAC], msg[unknownSessionOffMAC:]) {
+		return 0, 0, errAuth
+	}
+	return binary.BigEndian.Uint32(msg[unknownSessionOffReceiver:]), binary.BigEndian.Uint64(msg[unknownSessionOffCounter:]), nil
 }

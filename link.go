@@ -11,6 +11,7 @@ package main
 // through the carrier, which is safe for concurrent use.
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"net"
@@ -26,8 +27,12 @@ import (
 )
 
 const (
-	minTick, maxTick = 10 * time.Millisecond, time.Second // the control loop's timer
-	unreachableRetry = time.Second                        // retry of an initiation the carrier reported unreachable
+	minTick, maxTick   = 10 * time.Millisecond, time.Second // the control loop's timer
+	unreachableRetry   = time.Second                        // retry of an initiation the carrier reported unreachable
+	unknownSessionRate = 4                                  // unknown-session messages we send a second, at most
+	staleLogInterval   = time.Minute                        // at most one line a minute about old initiations
+	errorProbeWait     = 250 * time.Millisecond             // between liveness probes after carrier errors
+	errorProbes        = 3                                  // unanswered liveness probes before maxerr may end the link
 )
 
 // linkLife is one running link: its packet path and its life. Make one with newLink, start
@@ -53,15 +58,33 @@ type linkLife struct {
 	onLinkChange func(status string)
 
 	// Control loop state.
-	state     linkState
-	answered  map[*session]exchangePayload // what the peer said in the exchanges we answered, until confirmed
-	candidate netip.AddrPort               // where the last valid initiation came from
-	lastPing  time.Time                    // when we last asked the peer for a keepalive
-	lastAsked time.Time                    // when we last asked the peer to confirm our new session
-	ctlBuf    [dataOverhead]byte
-	ctlNonce  [12]byte
-	ctlMsg    [1]carrierMsg
+	state        linkState
+	answered     map[*session]exchangePayload // what the peer said in the exchanges we answered, until confirmed
+	exchangeFrom netip.AddrPort               // where the message being handled came from
+	toldUnknown  *session                     // the session the peer last said it does not hold
+	lastPing     time.Time                    // when we last asked the peer for a keepalive
+	lastAsked    time.Time                    // when we last asked the peer to confirm our new session
+	staleLimit   rateLimit                    // lines about initiations with old timestamps
+	unknownLimit rateLimit                    // unknown-session messages we send
+	ctlBuf       [dataOverhead + probeAckSize]byte
+	ctlNonce     [12]byte
+	ctlMsg       [1]carrierMsg
 
+	// Path MTU (pmtu.go): the search, and where its probes are sealed.
+	prober     *pathProber
+	probeBuf   []byte
+	probeZeros []byte
+	lastPath   int // the path size last published to the packet path
+
+	// Liveness under carrier errors (maxerr): errors about datagrams to the peer make the
+	// control loop ask the peer, authenticated, every errorProbeWait; only when it does
+	// not answer do the errors count.
+	errSeen    int64     // carrierErrors already looked at
+	errOpen    int64     // errors since the peer was last heard from after a probe
+	errProbeAt time.Time // when the last liveness probe went out; zero: none outstanding
+	errProbes  int       // liveness probes since the peer was last heard from
+
+	timer    *time.Timer // wakes the control loop for the next probe
 	stopOnce sync.Once
 	ctlDone  chan struct{} // closed when the control loop has finished its shutdown work
 	wg       sync.WaitGroup
@@ -99,8 +122,26 @@ func newLink(cfg *config, log *logger, dev tun.Device, port tunPort, conn carrie
 				addr: cfg.ipaddr, expected: cfg.ptpaddr, tokxts: cfg.tokxts},
 			wallClock:  l.wallClock,
 			indexInUse: l.keys.holdsIndex,
+			acceptAddr: l.learnable,
 		}
 	}
+	header := carrierIPv4Overhead
+	if cfg.me.Addr().Is6() {
+		header = carrierIPv6Overhead
+	}
+	if cfg.socks.IsValid() {
+		header += socksHeaderSize(cfg.peer.Addr())
+	}
+	largest := cfg.mtu
+	if cfg.key != nil {
+		largest += dataOverhead
+	}
+	l.prober = newPathProber(largest, header, cfg.me.Addr().Is6(), cfg.key == nil)
+	l.probeBuf, l.probeZeros = make([]byte, largest), make([]byte, largest)
+	l.lastPath = largest
+	l.pathMax.Store(int32(largest))
+	l.staleLimit.interval = staleLogInterval
+	l.unknownLimit.interval = time.Second / unknownSessionRate
 	l.state.configuredPtp = cfg.ptpaddr
 	if cfg.ptpaddr.IsValid() {
 		l.view.ptp = cfg.ptpaddr.String()
@@ -198,6 +239,8 @@ func (l *linkLife) routineControl() {
 	tick = max(minTick, min(maxTick, tick/4))
 	ticker := time.NewTicker(tick)
 	defer ticker.Stop()
+	l.timer = time.NewTimer(time.Hour)
+	defer l.timer.Stop()
 	if l.kx == nil {
 		l.log.Printf("WARNING: nokey: traffic is sent UNENCRYPTED and UNAUTHENTICATED; use this for testing only")
 		if p := l.peer.Load(); p != nil {
@@ -219,8 +262,123 @@ func (l *linkLife) routineControl() {
 			if l.kx != nil {
 				l.tick(now)
 			}
+			l.checkCarrier(now)
+		case now := <-l.timer.C:
+			l.checkCarrier(now)
+		}
+		l.schedule()
+	}
+}
+
+// schedule sets the timer to the next moment a probe may be due.
+func (l *linkLife) schedule() {
+	next := l.prober.nextAt()
+	if !l.errProbeAt.IsZero() {
+		if at := l.errProbeAt.Add(errorProbeWait); next.IsZero() || at.Before(next) {
+			next = at
 		}
 	}
+	if !next.IsZero() {
+		l.timer.Reset(max(time.Until(next), minTick))
+	}
+}
+
+// checkCarrier looks at what the carrier reported since the last look: path hints go to
+// the path MTU search, errors about datagrams to the peer to the liveness probes.
+func (l *linkLife) checkCarrier(now time.Time) {
+	l.carrierNews.Store(false)
+	if mtu := l.localMTU.Swap(0); mtu > 0 {
+		l.prober.hint(now, int(mtu), true)
+	}
+	if mtu := l.pathHint.Swap(0); mtu > 0 {
+		l.log.Debugf("the network reports that the path to the peer takes packets of %d bytes at most: checking", mtu)
+		l.prober.hint(now, int(mtu), false)
+	}
+	l.watchErrors(now)
+	if l.state.up && l.kx != nil {
+		busy := time.Duration(l.since(now)-l.lastSent.Load()) < probeConfirm
+		for _, size := range l.prober.tick(now, busy) {
+			l.sendProbe(size)
+		}
+	}
+	l.publishPath()
+}
+
+// watchErrors applies maxerr: carrier errors about datagrams to the peer (which anyone
+// on the way can forge) only make us ask the peer whether it is there, with a keepalive
+// that asks for one back, every errorProbeWait. An answer forgives them. The link goes
+// down only when more than maxerr errors came and errorProbes probes went unanswered.
+func (l *linkLife) watchErrors(now time.Time) {
+	n := l.carrierErrors.Load()
+	fresh := n - l.errSeen
+	l.errSeen = n
+	if !l.errProbeAt.IsZero() && l.lastReceived.Load() > l.since(l.errProbeAt) {
+		l.errOpen, l.errProbes, l.errProbeAt = 0, 0, time.Time{} // the peer answered
+	}
+	if !l.state.up || l.kx == nil {
+		l.errOpen, l.errProbes, l.errProbeAt = 0, 0, time.Time{}
+		return
+	}
+	l.errOpen += fresh
+	if l.errOpen == 0 || (!l.errProbeAt.IsZero() && now.Sub(l.errProbeAt) < errorProbeWait) {
+		return
+	}
+	if l.cfg.maxerr >= 0 && l.errOpen > int64(l.cfg.maxerr) && l.errProbes >= errorProbes {
+		errs, probes := l.errOpen, l.errProbes
+		l.keys.clear()
+		l.linkDown(fmt.Sprintf("%d carrier errors, and %d probes unanswered, since the peer was last heard from (maxerr %d)",
+			errs, probes, l.cfg.maxerr))
+		return
+	}
+	l.errProbes++
+	l.errProbeAt = now
+	l.sendKeepalive(l.keys.current.Load(), flagPing)
+}
+
+// publishPath tells the packet path the largest message the path takes, logging a change.
+func (l *linkLife) publishPath() {
+	size := l.prober.current
+	if size == l.lastPath {
+		return
+	}
+	inner := size
+	if l.kx != nil {
+		inner -= dataOverhead
+	}
+	l.log.Printf("path MTU: the path to the peer takes %d-byte packets (messages of %d bytes, inner packets of %d); was %d",
+		size+l.prober.header, size, inner, l.lastPath+l.prober.header)
+	l.lastPath = size
+	l.pathMax.Store(int32(size))
+}
+
+// sendProbe sends a path MTU probe (PROTOCOL.md §4.6): a message of size bytes under the
+// current session, padding inside.
+func (l *linkLife) sendProbe(size int) {
+	s, p := l.keys.current.Load(), l.peer.Load()
+	if s == nil || p == nil || size < dataOverhead || size > len(l.probeBuf) {
+		return
+	}
+	counter, ok := s.reserveCounters(1)
+	if !ok {
+		return
+	}
+	l.log.Debugf("path MTU: probing with a %d-byte message", size)
+	l.sendControl(s.sealTo(l.probeBuf, l.probeZeros[:size-dataOverhead], flagProbe, counter, &l.ctlNonce), *p)
+}
+
+// ackProbe tells the peer that its probe of size bytes arrived.
+func (l *linkLife) ackProbe(size int) {
+	s, p := l.keys.current.Load(), l.peer.Load()
+	if s == nil || p == nil {
+		return
+	}
+	counter, ok := s.reserveCounters(1)
+	if !ok {
+		return
+	}
+	var b [probeAckSize]byte
+	binary.BigEndian.PutUint32(b[:], uint32(size))
+	l.sendControl(s.sealTo(l.ctlBuf[:], b[:], flagProbeAck, counter, &l.ctlNonce), *p)
 }
 
 // tick watches the link (toping, maxerr), sends keepalives (ping), expires sessions and
@@ -245,16 +403,10 @@ func (l *linkLife) tick(now time.Time) {
 	if !due {
 		return
 	}
-	var to netip.AddrPort
+	// Only to an address the peer proved its own (configured, or an authentic message
+	// came from it while the link was up): a dynamic peer that knows none waits.
 	if p := l.peer.Load(); p != nil {
-		to = *p
-	} else if next := l.keys.next.Load(); next != nil && cur == nil && now.Sub(next.created) >= l.cfg.tokxc {
-		// A dynamic peer that answered an initiation but never saw it confirmed (the
-		// confirming keepalive was lost) asks the same address itself.
-		to = l.candidate
-	}
-	if to.IsValid() {
-		l.initiate(now, to)
+		l.initiate(now, *p)
 	}
 }
 
@@ -277,21 +429,17 @@ func (l *linkLife) initiate(now time.Time, to netip.AddrPort) {
 		l.log.Printf("cannot start a key exchange: %v", err)
 		return
 	}
+	l.pendingIndex.Store(l.kx.pending.index)
 	l.log.Debugf("sending key exchange initiation to %s", to)
 	l.sendControl(msg, to)
 }
 
-// watchLink applies toping, maxerr and ping to a link that is up.
+// watchLink applies toping and ping to a link that is up (maxerr: watchErrors).
 func (l *linkLife) watchLink(now time.Time) {
 	silent := time.Duration(l.since(now) - l.lastReceived.Load())
-	switch errs := l.carrierErrors.Load(); {
-	case l.cfg.toping > 0 && silent >= l.cfg.toping:
+	if l.cfg.toping > 0 && silent >= l.cfg.toping {
 		l.keys.clear()
 		l.linkDown(fmt.Sprintf("no word from the peer for %v (toping)", silent.Round(time.Second)))
-		return
-	case l.cfg.maxerr >= 0 && errs > int64(l.cfg.maxerr):
-		l.keys.clear()
-		l.linkDown(fmt.Sprintf("%d carrier errors since the last key exchange (maxerr %d)", errs, l.cfg.maxerr))
 		return
 	}
 	if l.cfg.ping <= 0 {
@@ -336,6 +484,7 @@ func (l *linkLife) handleExchange(m *exchangeMsg) {
 		l.stats.dropMalformed.Add(1)
 		return
 	}
+	l.exchangeFrom = m.from
 	switch msg[offsetType] {
 	case messageInitiation:
 		resp, res, err := l.kx.consumeInitiation(msg, now)
@@ -350,6 +499,7 @@ func (l *linkLife) handleExchange(m *exchangeMsg) {
 			l.exchangeRefused("initiation", err, m.from)
 			return
 		}
+		l.pendingIndex.Store(0) // ours, if any, is abandoned
 		l.keys.setNext(res.session)
 		l.answered[res.session] = res.peer
 		for s := range l.answered { // only the sessions still held (at most three)
@@ -357,7 +507,6 @@ func (l *linkLife) handleExchange(m *exchangeMsg) {
 				delete(l.answered, s)
 			}
 		}
-		l.candidate = m.from
 		l.log.Debugf("answering key exchange initiation from %s", m.from)
 		l.sendControl(resp, m.from)
 	case messageResponse:
@@ -366,11 +515,36 @@ func (l *linkLife) handleExchange(m *exchangeMsg) {
 			l.exchangeRefused("response", err, m.from)
 			return
 		}
+		l.pendingIndex.Store(0)
 		l.keys.rotate(res.session)
 		l.setPeer(m.from)
 		l.sessionEstablished(res.session, res.peer)
 		l.askConfirmation(res.session, now)
+	case messageUnknownSession:
+		l.handleUnknownSession(msg, m.from, now)
 	}
+}
+
+// handleUnknownSession acts on the peer's word that it holds no session for what we
+// sent (PROTOCOL.md §4.5): it lost its sessions (a restart) and cannot initiate itself,
+// as it does not know our address. If the message names the session we send under and
+// a counter we used, we start an exchange at once; once per session, so that a
+// recorded one replayed costs us at most one exchange.
+func (l *linkLife) handleUnknownSession(msg []byte, from netip.AddrPort, now time.Time) {
+	receiver, counter, err := l.kx.consumeUnknownSession(msg)
+	if err != nil {
+		l.exchangeRefused("unknown-session message", err, from)
+		return
+	}
+	cur, peer := l.keys.current.Load(), l.peer.Load()
+	if cur == nil || peer == nil || receiver != cur.remoteIndex || counter >= cur.sendCounter.Load() || cur == l.toldUnknown {
+		l.stats.dropExchange.Add(1)
+		l.log.Debugf("unknown-session message from %s ignored (not about the session we send under)", from)
+		return
+	}
+	l.toldUnknown = cur
+	l.log.Printf("the peer at %s lost our session (restarted?): starting a key exchange", from)
+	l.initiate(now, *peer)
 }
 
 // askConfirmation sends a keepalive under the session we initiated: the responder takes
@@ -389,7 +563,12 @@ func (l *linkLife) exchangeRefused(what string, err error, from netip.AddrPort) 
 	switch {
 	case errors.Is(err, errAuth):
 		l.log.limitedf(&l.limits.auth, "key exchange %s from %s failed authentication (different key?)", what, from)
-	case errors.Is(err, errStale), errors.Is(err, errNotWaiting), errors.Is(err, errMalformed):
+	case errors.Is(err, errStale):
+		// A replay, or a peer whose clock went back across its restart: say so, now and
+		// then, at the normal level: a link that cannot come up needs this line.
+		l.log.limitedf(&l.staleLimit, "key exchange %s from %s refused: %v; if the peer restarted with its clock "+
+			"set back, it is accepted once that clock passes the last one accepted, or restart this ciped", what, from, err)
+	case errors.Is(err, errNotWaiting), errors.Is(err, errMalformed):
 		l.log.Debugf("key exchange %s from %s ignored: %v", what, from, err)
 	default:
 		l.log.limitedf(&l.limits.exchange, "key exchange %s from %s refused: %v", what, from, err)
@@ -417,7 +596,7 @@ func (l *linkLife) sessionEstablished(s *session, info exchangePayload) {
 	l.viewMu.Lock()
 	l.view.lastExchange, l.view.cipher = time.Now(), s.suite.String()
 	l.viewMu.Unlock()
-	l.carrierErrors.Store(0)
+	l.errOpen, l.errProbes, l.errProbeAt = 0, 0, time.Time{}
 	l.lastReceived.Store(l.since(time.Now()))
 	role := "responder"
 	if s.initiator {
@@ -426,6 +605,9 @@ func (l *linkLife) sessionEstablished(s *session, info exchangePayload) {
 	l.log.Debugf("new session %08x/%08x (%v, we were %s)", s.localIndex, s.remoteIndex, s.suite, role)
 	if !l.state.up {
 		l.linkUp(info)
+		l.prober.start(time.Now())
+	} else {
+		l.prober.grow(time.Now()) // a rekey: has the path grown?
 	}
 }
 
@@ -434,30 +616,96 @@ func (l *linkLife) handleEvent(ev tunnelEvent) {
 	case eventConfirmed:
 		info := l.answered[ev.session]
 		delete(l.answered, ev.session)
-		l.setPeer(ev.from)
-		l.sessionEstablished(ev.session, info)
-	case eventPeerMoved:
-		// Only for the session in use: a packet under an older one cannot move the peer.
-		if l.kx == nil || ev.session == l.keys.current.Load() {
-			l.setPeer(ev.from)
+		if ev.session == l.keys.current.Load() { // not dropped meanwhile (a goodbye, an expiry)
+			l.sessionEstablished(ev.session, info)
 		}
-		if l.kx == nil && !l.state.up {
-			l.linkUp(exchangePayload{})
+	case eventPeerMoved:
+		if l.kx == nil {
+			l.setPeer(ev.from) // nokey: the first sender, for good
+			if !l.state.up {
+				l.linkUp(exchangePayload{})
+			}
+			break
+		}
+		// The inbound loop moved the peer already (its replies must follow at once).
+		if ev.old.IsValid() {
+			l.log.Printf("peer moved from %s to %s", ev.old, ev.from)
+		} else {
+			l.log.Printf("peer is %s", ev.from)
 		}
 	case eventPingRequest:
 		l.sendKeepalive(l.keys.current.Load(), 0)
+	case eventProbe:
+		l.ackProbe(ev.size)
+	case eventProbeAck:
+		l.prober.ack(time.Now(), ev.size)
+	case eventCarrierNews:
+		l.checkCarrier(time.Now())
 	case eventGoodbye:
-		if ev.session == l.keys.current.Load() {
-			l.keys.clear()
-			l.linkDown("the peer shut down")
+		// Under any session we hold: the peer may say it under the one it sends with,
+		// which for us may still be unconfirmed, or already previous.
+		if s := ev.session; s == l.keys.current.Load() || s == l.keys.previous.Load() || s == l.keys.next.Load() {
+			if l.keys.goodbye(s) {
+				l.keys.clear()
+				l.linkDown("the peer shut down")
+			}
 		}
 	case eventUnknownSession:
-		// Only a peer that does not know where to send initiations needs this: one that
-		// does initiates on its own every tokxc.
-		if l.peer.Load() == nil && l.keys.current.Load() == nil {
-			l.initiate(time.Now(), ev.from)
+		// Only a peer that does not know where to send initiations answers so: one that
+		// does initiates on its own. At most one datagram, no larger than the one that
+		// called it forth, and at most unknownSessionRate a second.
+		if l.peer.Load() == nil && l.keys.current.Load() == nil && l.keys.next.Load() == nil {
+			if ok, _ := l.unknownLimit.allow(time.Now()); ok {
+				l.log.Debugf("telling %s we hold no session for its data", ev.from)
+				l.sendControl(l.kx.unknownSession(ev.index, ev.counter), ev.from)
+			}
 		}
 	}
+}
+
+// learnable judges a tunnel address the peer claims while ours to learn (no ptpaddr, or
+// a ptpaddr range): it must be an address the peer can own, not one of this host's or
+// of the carrier, and within the range if one is given.
+func (l *linkLife) learnable(a netip.Addr) error {
+	switch {
+	case a.IsUnspecified():
+		return errors.New("it is unspecified")
+	case a.IsLoopback():
+		return errors.New("it is a loopback address")
+	case a.IsMulticast():
+		return errors.New("it is a multicast address")
+	case a == netip.AddrFrom4([4]byte{255, 255, 255, 255}):
+		return errors.New("it is the broadcast address")
+	case a.IsLinkLocalUnicast() && !l.cfg.ptpRange.IsValid():
+		return errors.New("it is a link-local address (a ptpaddr range that holds it allows it)")
+	case a == l.exchangeFrom.Addr() || (l.peer.Load() != nil && a == l.peer.Load().Addr()):
+		return errors.New("it is the peer's carrier address")
+	case l.cfg.ptpRange.IsValid() && !l.cfg.ptpRange.Contains(a):
+		return fmt.Errorf("it is outside ptpaddr's range %s", l.cfg.ptpRange)
+	}
+	if local, err := isLocalAddress(a); err != nil {
+		return fmt.Errorf("cannot tell whether it is an address of this host: %w", err)
+	} else if local {
+		return errors.New("it is an address of this host")
+	}
+	return nil
+}
+
+// isLocalAddress reports whether an interface of this host (in this network namespace)
+// has the address.
+func isLocalAddress(a netip.Addr) (bool, error) {
+	addrs, err := net.InterfaceAddrs()
+	if err != nil {
+		return false, err
+	}
+	for _, ia := range addrs {
+		if n, ok := ia.(*net.IPNet); ok {
+			if la, ok := netip.AddrFromSlice(n.IP); ok && la.Unmap() == a {
+				return true, nil
+			}
+		}
+	}
+	return false, nil
 }
 
 // scriptArgs are CIPE's arguments for ip-up and ip-down (see scriptCall).
@@ -488,6 +736,10 @@ func (l *linkLife) linkUp(info exchangePayload) {
 	if !ptp.IsValid() && info.addr.IsValid() {
 		ptp = info.addr
 		l.peerTunnelAddr.Store(&ptp)
+		if l.kx != nil {
+			// Learned for good: every later exchange must claim it (and we expect it).
+			l.kx.cfg.expected, l.kx.cfg.learned = ptp, true
+		}
 		if l.ifindex != 0 && ptp != l.state.configuredPtp {
 			if err := l.setInterfacePeer(ptp); err != nil {
 				l.log.Printf("cannot set the learned peer address %s on the interface: %v", ptp, err)
@@ -516,7 +768,7 @@ func (l *linkLife) linkUp(info exchangePayload) {
 	l.view.up, l.view.since, l.view.cipher, l.view.ptp = true, l.state.since, cipher, l.state.args[4]
 	l.viewMu.Unlock()
 	l.linkChanged(fmt.Sprintf("link up, peer %s, cipher %s", peer, cipher))
-	l.scripts.enqueue(scriptCall{name: "ip-up", path: l.cfg.ipup, args: l.state.args, env: l.state.env})
+	l.scripts.up(scriptCall{name: "ip-up", path: l.cfg.ipup, args: l.state.args, env: l.state.env, undo: l.cfg.ipdown})
 }
 
 func (l *linkLife) linkDown(reason string) {
@@ -525,13 +777,15 @@ func (l *linkLife) linkDown(reason string) {
 	}
 	l.state.up = false
 	l.up.Store(false)
+	if l.kx != nil && l.cfg.dynamicPeer() {
+		l.peer.Store(nil) // an address that has not proven itself lately earns nothing
+	}
 	l.log.Printf("link down: %s", reason)
 	l.viewMu.Lock()
 	l.view.up, l.view.since = false, time.Now()
 	l.viewMu.Unlock()
 	l.linkChanged("link down: " + reason)
-	env := append(append([]string(nil), l.state.env...), "CIPED_REASON="+reason)
-	l.scripts.enqueue(scriptCall{name: "ip-down", path: l.cfg.ipdown, args: l.state.args, env: env})
+	l.scripts.down([]string{"CIPED_REASON=" + reason})
 }
 
 // linkChanged tells the hook, if any, of a change of the link.

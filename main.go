@@ -16,6 +16,7 @@ import (
 	"syscall"
 
 	"github.com/alecthomas/kong"
+	"golang.org/x/sys/unix"
 	"golang.zx2c4.com/wireguard/tun"
 )
 
@@ -27,7 +28,14 @@ const (
 )
 
 func main() {
+	hardenProcess()
 	os.Exit(runArgs(os.Args[1:], os.Stdout, os.Stderr, systemOptionsPath, nil))
+}
+
+// hardenProcess keeps the link key out of reach of other processes of the same user
+// (debuggers, /proc/PID/mem) and out of core dumps: the process is made non-dumpable.
+func hardenProcess() {
+	_ = unix.Prctl(unix.PR_SET_DUMPABLE, 0, 0, 0, 0)
 }
 
 // signals are what run reacts to while a link runs: stop (SIGTERM, SIGINT) and report

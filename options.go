@@ -97,6 +97,38 @@ func (a *ipOption) UnmarshalText(b []byte) error {
 	return nil
 }
 
+// ptpOption is ptpaddr: the peer's tunnel address, or a prefix (ADDR/BITS) within which
+// the address the peer claims is learned.
+type ptpOption struct {
+	addr   netip.Addr
+	prefix netip.Prefix
+}
+
+func (p *ptpOption) UnmarshalText(b []byte) error {
+	if pr, err := netip.ParsePrefix(string(b)); err == nil {
+		if pr.Addr().Zone() != "" {
+			return fmt.Errorf("%q is not an IP address or prefix", b)
+		}
+		p.prefix, p.addr = netip.PrefixFrom(pr.Addr().Unmap(), pr.Bits()-unmapBits(pr.Addr())), netip.Addr{}
+		return nil
+	}
+	var a ipOption
+	if err := a.UnmarshalText(b); err != nil {
+		return fmt.Errorf("%q is not an IP address or prefix (ADDR/BITS)", b)
+	}
+	p.addr, p.prefix = a.Addr, netip.Prefix{}
+	return nil
+}
+
+// unmapBits is how many bits of a prefix's length an IPv4-mapped address spends on its
+// mapping.
+func unmapBits(a netip.Addr) int {
+	if a.Is4In6() {
+		return 96
+	}
+	return 0
+}
+
 // endpointOption is a carrier address, HOST:PORT, where HOST may be a name and PORT a
 // service name. It is resolved when the options are complete.
 type endpointOption struct {
@@ -173,7 +205,7 @@ type runOptions struct {
 	Me      endpointOption `name:"me" placeholder:"ADDR:PORT" help:"Local carrier address (default: any address, a port the system picks)."`
 	Peer    endpointOption `name:"peer" placeholder:"ADDR:PORT" help:"Peer carrier address; 0.0.0.0:0 accepts whoever authenticates first."`
 	Ipaddr  ipOption       `name:"ipaddr" placeholder:"IP" help:"Our tunnel address."`
-	Ptpaddr ipOption       `name:"ptpaddr" placeholder:"IP" help:"The peer's tunnel address; 0.0.0.0 or unset: learn it from the peer."`
+	Ptpaddr ptpOption      `name:"ptpaddr" placeholder:"IP" help:"The peer's tunnel address; 0.0.0.0 or unset: learn it from the peer; ADDR/BITS: learn it within that prefix."`
 	Mtu     number         `name:"mtu" placeholder:"N" help:"Interface MTU (default: 1440 over an IPv4 carrier, 1420 over IPv6)."`
 	Cttl    number         `name:"cttl" placeholder:"N" help:"TTL of carrier packets; 0 copies the inner packet's TTL (default 0)."`
 	Metric  number         `name:"metric" placeholder:"N" help:"Metric of the route to ptpaddr (default: the kernel's)."`
@@ -186,8 +218,8 @@ type runOptions struct {
 	Ping    seconds        `name:"ping" default:"0" placeholder:"SECONDS" help:"Keepalive interval; 0 is off (default 0)."`
 	Toping  seconds        `name:"toping" default:"0" placeholder:"SECONDS" help:"Link is down after this long without word from the peer; 0 is off (default 0)."`
 	Maxerr  number         `name:"maxerr" placeholder:"N" help:"Carrier errors tolerated between key exchanges; -1 is any number (default 8)."`
-	Ipup    string         `name:"ipup" placeholder:"PATH" help:"Script run when the link comes up (default ${default_ipup})."`
-	Ipdown  string         `name:"ipdown" placeholder:"PATH" help:"Script run when the link goes down (default ${default_ipdown})."`
+	Ipup    string         `name:"ipup" placeholder:"PATH" help:"Script run when the link comes up (default ${default_ipup}, if it exists; none: no script)."`
+	Ipdown  string         `name:"ipdown" placeholder:"PATH" help:"Script run when the link goes down (default ${default_ipdown}, if it exists; none: no script)."`
 	Arg     string         `name:"arg" placeholder:"STRING" help:"Extra argument for the scripts (their $$6)."`
 	Socks   endpointOption `name:"socks" placeholder:"ADDR:PORT" help:"Reach the peer through this SOCKS5 server (UDP ASSOCIATE)."`
 	Cipher  string         `name:"cipher" default:"auto" enum:"auto,aes-gcm,chacha20-poly1305" placeholder:"NAME" help:"Data cipher to offer: auto (AES-256-GCM only with AES hardware), aes-gcm, chacha20-poly1305."`
@@ -199,28 +231,29 @@ type runOptions struct {
 
 // config is a complete, checked set of options: what the tunnel runs with.
 type config struct {
-	key     *[linkKeySize]byte // nil with nokey
-	me      netip.AddrPort     // unspecified address and/or port 0: the system picks
-	peer    netip.AddrPort     // unspecified: learn from the first peer that authenticates
-	ipaddr  netip.Addr
-	ptpaddr netip.Addr // invalid: learn from the peer
-	mtu     int
-	cttl    int
-	metric  int // -1: not set
-	device  string
-	debug   bool
-	syslog  bool
-	tokxc   time.Duration
-	tokey   time.Duration
-	tokxts  time.Duration
-	ping    time.Duration
-	toping  time.Duration
-	maxerr  int
-	ipup    string // "" if no script should run
-	ipdown  string
-	arg     string
-	ciphers cipherSuite
-	socks   netip.AddrPort // invalid: no proxy
+	key      *[linkKeySize]byte // nil with nokey
+	me       netip.AddrPort     // unspecified address and/or port 0: the system picks
+	peer     netip.AddrPort     // unspecified: learn from the first peer that authenticates
+	ipaddr   netip.Addr
+	ptpaddr  netip.Addr   // invalid: learn from the peer
+	ptpRange netip.Prefix // valid: learn within it (ptpaddr is then invalid)
+	mtu      int
+	cttl     int
+	metric   int // -1: not set
+	device   string
+	debug    bool
+	syslog   bool
+	tokxc    time.Duration
+	tokey    time.Duration
+	tokxts   time.Duration
+	ping     time.Duration
+	toping   time.Duration
+	maxerr   int
+	ipup     string // "" if no script should run
+	ipdown   string
+	arg      string
+	ciphers  cipherSuite
+	socks    netip.AddrPort // invalid: no proxy
 
 	tunOffload, udpGSO, udpGRO bool
 }
@@ -477,20 +510,14 @@ func loadOptionsFile(path string, required bool, names map[string]*kong.Flag) (*
 }
 
 func checkOptionsFileMode(path string, info os.FileInfo, hasKey bool) error {
-	mode := info.Mode().Perm()
-	if st, ok := info.Sys().(*syscall.Stat_t); ok && int(st.Uid) != os.Geteuid() {
-		who := "root"
-		if os.Geteuid() != 0 {
-			who = fmt.Sprintf("uid %d, which runs ciped", os.Geteuid())
+	if err := checkTrustedFile(path, info, "options file"); err != nil {
+		var ue *usageError
+		if errors.As(err, &ue) && strings.HasPrefix(ue.hint, "chmod go-w "+path) {
+			ue.hint = "chmod 600 " + path
 		}
-		return usagef("options file %q is owned by uid %d, not by %s", path, st.Uid, who).
-			withHint("chown %d %s", os.Geteuid(), path)
+		return err
 	}
-	if mode&0o022 != 0 {
-		return usagef("options file %q is writable by group or others (mode %04o)", path, mode).
-			withHint("chmod 600 %s", path)
-	}
-	if hasKey && mode&0o044 != 0 {
+	if mode := info.Mode().Perm(); hasKey && mode&0o044 != 0 {
 		return usagef("options file %q holds the key but is readable by group or others (mode %04o)", path, mode).
 			withHint("chmod 600 %s", path)
 	}
@@ -590,7 +617,7 @@ func familyOf(a netip.Addr) int {
 func (c *cli) config() (*config, error) {
 	r := &c.Opts
 	cfg := &config{
-		ipaddr: r.Ipaddr.Addr, ptpaddr: r.Ptpaddr.Addr, cttl: int(r.Cttl.v), metric: -1,
+		ipaddr: r.Ipaddr.Addr, ptpaddr: r.Ptpaddr.addr, ptpRange: r.Ptpaddr.prefix.Masked(), cttl: int(r.Cttl.v), metric: -1,
 		device: r.Device, debug: r.Debug, syslog: r.Syslog, tokxc: r.Tokxc.Duration, tokey: r.Tokey.Duration,
 		tokxts: r.Tokxts.Duration, ping: r.Ping.Duration, toping: r.Toping.Duration, maxerr: 8,
 		ipup: r.Ipup, ipdown: r.Ipdown, arg: r.Arg,
@@ -614,8 +641,8 @@ func (c *cli) config() (*config, error) {
 	if !r.Ipaddr.IsValid() {
 		return nil, usagef("ipaddr is required: the tunnel address of this end").withHint("e.g. ipaddr=10.0.0.1")
 	}
-	if r.Ipaddr.IsUnspecified() || r.Ipaddr.IsMulticast() {
-		return nil, usagef("%s: %s cannot be an interface address", c.origin("ipaddr"), r.Ipaddr)
+	if why := notATunnelAddress(cfg.ipaddr); why != "" {
+		return nil, usagef("%s: %s cannot be the tunnel address: %s", c.origin("ipaddr"), cfg.ipaddr, why)
 	}
 	if cfg.ptpaddr.IsValid() && cfg.ptpaddr.IsUnspecified() {
 		cfg.ptpaddr = netip.Addr{} // 0.0.0.0: learn it
@@ -627,8 +654,16 @@ func (c *cli) config() (*config, error) {
 		if cfg.ptpaddr == cfg.ipaddr {
 			return nil, usagef("ipaddr and ptpaddr are both %s", cfg.ipaddr)
 		}
-		if cfg.ptpaddr.IsMulticast() {
-			return nil, usagef("%s: %s cannot be a peer address", c.origin("ptpaddr"), cfg.ptpaddr)
+		if why := notATunnelAddress(cfg.ptpaddr); why != "" {
+			return nil, usagef("%s: %s cannot be the peer's tunnel address: %s", c.origin("ptpaddr"), cfg.ptpaddr, why)
+		}
+	}
+	if p := cfg.ptpRange; p.IsValid() {
+		if p.Addr().Is4() != cfg.ipaddr.Is4() {
+			return nil, usagef("ipaddr %s and ptpaddr %s are not of the same IP version", cfg.ipaddr, p)
+		}
+		if p.Bits() == 0 {
+			return nil, usagef("%s: %s allows any address: leave ptpaddr out to learn any", c.origin("ptpaddr"), p)
 		}
 	}
 
@@ -742,25 +777,9 @@ func (c *cli) config() (*config, error) {
 		path     *string
 		name     string
 		fallback string
-	}{{&cfg.ipup, "ipup", defaultIPUp}, {&cfg.ipdown, "ipdown", defaultIPDown}} {
-		if *s.path == "" {
-			if _, err := os.Stat(s.fallback); err == nil {
-				*s.path = s.fallback
-			}
-			continue
-		}
-		abs, err := filepath.Abs(*s.path) // scripts run in /
-		if err != nil {
-			return nil, usagef("%s: %v", c.origin(s.name), err)
-		}
-		*s.path = abs
-		info, err := os.Stat(abs)
-		if err != nil {
-			return nil, usagef("%s: %v", c.origin(s.name), err)
-		}
-		if !info.Mode().IsRegular() || info.Mode().Perm()&0o111 == 0 {
-			return nil, usagef("%s: %q is not an executable file", c.origin(s.name), *s.path).
-				withHint("chmod 755 %s", *s.path)
+	}{{&cfg.ipup, "ipup", "ip-up"}, {&cfg.ipdown, "ipdown", "ip-down"}} {
+		if err := c.checkScript(s.path, s.name, s.fallback); err != nil {
+			return nil, err
 		}
 	}
 	switch r.Cipher {
@@ -775,6 +794,116 @@ func (c *cli) config() (*config, error) {
 		cfg.ciphers = cipherChaCha20Poly1305
 	}
 	return cfg, nil
+}
+
+// notATunnelAddress says why an address cannot be a tunnel address of either end, or
+// returns "".
+func notATunnelAddress(a netip.Addr) string {
+	switch {
+	case a.IsUnspecified():
+		return "it is unspecified"
+	case a.IsLoopback():
+		return "it is a loopback address"
+	case a.IsMulticast():
+		return "it is a multicast address"
+	case a == netip.AddrFrom4([4]byte{255, 255, 255, 255}):
+		return "it is the broadcast address"
+	}
+	return ""
+}
+
+// noScript is the value of ipup or ipdown that runs no script, not even the default.
+const noScript = "none"
+
+// configDir is the directory of the system options file, where the default scripts are
+// (/etc/cipe); "" when there is none (tests).
+func (c *cli) configDir() string {
+	if c.systemOptions == "" {
+		return ""
+	}
+	return filepath.Dir(c.systemOptions)
+}
+
+// checkScript turns the value of a script option into the path to run: "" for none
+// (noScript, or no default script), else an absolute path that must be an executable
+// file as trusted as an options file (checkTrustedFile). An unset option takes the
+// default script, dflt in the configuration directory, if that exists.
+func (c *cli) checkScript(path *string, name, dflt string) error {
+	switch {
+	case *path == noScript:
+		*path = ""
+		return nil
+	case *path == "":
+		if c.configDir() == "" {
+			return nil
+		}
+		p := filepath.Join(c.configDir(), dflt)
+		if _, err := os.Lstat(p); errors.Is(err, os.ErrNotExist) {
+			return nil
+		}
+		*path = p
+	}
+	abs, err := filepath.Abs(*path) // scripts run in /
+	if err != nil {
+		return usagef("%s: %v", c.origin(name), err)
+	}
+	*path = abs
+	info, err := os.Stat(abs)
+	if err != nil {
+		return usagef("%s: %v", c.origin(name), err)
+	}
+	if !info.Mode().IsRegular() || info.Mode().Perm()&0o111 == 0 {
+		return usagef("%s: %q is not an executable file", c.origin(name), abs).
+			withHint("chmod 755 %s, or %s=%s to run no script", abs, name, noScript)
+	}
+	if err := checkTrustedFile(abs, info, fmt.Sprintf("%s: script", c.origin(name))); err != nil {
+		return err
+	}
+	return nil
+}
+
+// checkTrustedFile checks that a file ciped reads or runs as root is safe from other
+// users: the file (info) belongs to the user running ciped and is not writable by group
+// or others, and so is every directory on the way to it (the path with its links
+// resolved), where only a root-owned sticky directory such as /tmp may be writable by
+// others (they cannot replace what is not theirs there). what names it in the error.
+func checkTrustedFile(path string, info os.FileInfo, what string) error {
+	uid := os.Geteuid()
+	who := "root"
+	if uid != 0 {
+		who = fmt.Sprintf("uid %d, which runs ciped", uid)
+	}
+	if st, ok := info.Sys().(*syscall.Stat_t); ok && int(st.Uid) != uid {
+		return usagef("%s %q is owned by uid %d, not by %s", what, path, st.Uid, who).
+			withHint("chown %d %s", uid, path)
+	}
+	if mode := info.Mode().Perm(); mode&0o022 != 0 {
+		return usagef("%s %q is writable by group or others (mode %04o)", what, path, mode).
+			withHint("chmod go-w %s", path)
+	}
+	real, err := filepath.EvalSymlinks(path)
+	if err != nil {
+		return usagef("%s %q: %v", what, path, err)
+	}
+	for dir := filepath.Dir(real); ; dir = filepath.Dir(dir) {
+		di, err := os.Stat(dir)
+		if err != nil {
+			return usagef("%s %q: %v", what, path, err)
+		}
+		st, _ := di.Sys().(*syscall.Stat_t)
+		if st != nil && int(st.Uid) != 0 && int(st.Uid) != uid {
+			return usagef("%s %q: the directory %q is owned by uid %d, who could replace it", what, path, dir, st.Uid).
+				withHint("chown root %s, or move the file", dir)
+		}
+		sticky := di.Mode()&os.ModeSticky != 0 && st != nil && st.Uid == 0
+		if mode := di.Mode().Perm(); mode&0o022 != 0 && !sticky {
+			return usagef("%s %q: the directory %q is writable by group or others (mode %04o), who could replace it",
+				what, path, dir, mode).withHint("chmod go-w %s", dir)
+		}
+		if dir == "/" {
+			return nil
+		}
+	}
 }
 
 // checkDeviceName accepts what the kernel accepts as an interface name, plus one %d.

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"golang.org/x/sys/unix"
 	"net"
 	"net/netip"
 	"os"
@@ -436,5 +437,101 @@ func TestSyslogWriter(t *testing.T) {
 	}
 	if _, err := newSyslogWriter("unixgram", filepath.Join(t.TempDir(), "none")); err == nil {
 		t.Fatal("a syslog socket nobody listens on was accepted")
+	}
+}
+
+// TestScriptChecks: scripts run as root, so they are checked like an options file: the
+// owner, no write access for group or others, on the file and every directory above it
+// (a root-owned sticky one like /tmp excepted); a default script in the configuration
+// directory is checked at start like a named one, and none switches it off.
+func TestScriptChecks(t *testing.T) {
+	etc := t.TempDir()
+	system := writeFile(t, etc, "options", "", 0o600)
+	args := append(baseArgs, "nokey")
+
+	// No default scripts: nothing to run.
+	cfg, err := parseConfig(t, system, args...)
+	if err != nil || cfg.ipup != "" || cfg.ipdown != "" {
+		t.Fatalf("without default scripts: %v, ipup %q ipdown %q", err, cfg.ipup, cfg.ipdown)
+	}
+	// Default scripts are taken from the configuration directory.
+	up := writeFile(t, etc, "ip-up", "#!/bin/sh\n", 0o755)
+	down := writeFile(t, etc, "ip-down", "#!/bin/sh\n", 0o700)
+	if cfg, err = parseConfig(t, system, args...); err != nil || cfg.ipup != up || cfg.ipdown != down {
+		t.Fatalf("default scripts: %v, ipup %q ipdown %q", err, cfg.ipup, cfg.ipdown)
+	}
+	// A default script that cannot run is an error at start, with a way out.
+	os.Chmod(up, 0o644)
+	_, err = parseConfig(t, system, args...)
+	var ue *usageError
+	if !errors.As(err, &ue) || !strings.Contains(err.Error(), `"`+up+`" is not an executable file`) ||
+		!strings.Contains(ue.hint, "ipup=none") {
+		t.Fatalf("a default ip-up that is not executable: %v (hint %+v)", err, ue)
+	}
+	// none runs no script, not even the default.
+	if cfg, err = parseConfig(t, system, append(args, "ipup=none")...); err != nil || cfg.ipup != "" || cfg.ipdown != down {
+		t.Fatalf("ipup=none: %v, ipup %q ipdown %q", err, cfg.ipup, cfg.ipdown)
+	}
+	os.Chmod(up, 0o755)
+
+	for _, c := range []struct {
+		name  string
+		setup func(dir string) string // makes the script, returns its path
+		want  string
+	}{
+		{"group-writable script", func(dir string) string { return writeFile(t, dir, "s", "#!/bin/sh\n", 0o775) },
+			"is writable by group or others (mode 0775)"},
+		{"world-writable script", func(dir string) string { return writeFile(t, dir, "s", "#!/bin/sh\n", 0o777) },
+			"is writable by group or others (mode 0777)"},
+		{"group-writable directory", func(dir string) string {
+			sub := filepath.Join(dir, "scripts")
+			os.Mkdir(sub, 0o770)
+			os.Chmod(sub, 0o770)
+			return writeFile(t, sub, "s", "#!/bin/sh\n", 0o755)
+		}, "is writable by group or others (mode 0770), who could replace it"},
+		{"link into a world-writable directory", func(dir string) string {
+			sub := filepath.Join(dir, "open")
+			os.Mkdir(sub, 0o777)
+			os.Chmod(sub, 0o777)
+			target := writeFile(t, sub, "s", "#!/bin/sh\n", 0o755)
+			link := filepath.Join(dir, "link")
+			os.Symlink(target, link)
+			return link
+		}, "writable by group or others (mode 0777)"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			path := c.setup(t.TempDir())
+			_, err := parseConfig(t, "", append(args, "ipdown="+path)...)
+			if err == nil || !strings.Contains(err.Error(), c.want) || !strings.HasPrefix(err.Error(), "ipdown (command line): script") {
+				t.Fatalf("error %v, want one naming ipdown and %q", err, c.want)
+			}
+		})
+	}
+	if os.Geteuid() == 0 {
+		// A script owned by another user would run as root: refused.
+		path := writeFile(t, t.TempDir(), "s", "#!/bin/sh\n", 0o755)
+		os.Chown(path, 65534, 65534)
+		if _, err := parseConfig(t, "", append(args, "ipup="+path)...); err == nil ||
+			!strings.Contains(err.Error(), "is owned by uid 65534, not by root") {
+			t.Fatalf("a script owned by nobody: %v", err)
+		}
+	}
+	// In a root-owned sticky directory (as t.TempDir's /tmp is) a script of ours is fine.
+	if _, err := parseConfig(t, "", append(args, "ipup="+up)...); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestHardenProcess: ciped makes itself non-dumpable (no core dump with the key in it, no
+// debugger or /proc/PID/mem of the same user).
+func TestHardenProcess(t *testing.T) {
+	was, err := unix.PrctlRetInt(unix.PR_GET_DUMPABLE, 0, 0, 0, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Prctl(unix.PR_SET_DUMPABLE, uintptr(was), 0, 0, 0)
+	hardenProcess()
+	if now, err := unix.PrctlRetInt(unix.PR_GET_DUMPABLE, 0, 0, 0, 0); err != nil || now != 0 {
+		t.Fatalf("dumpable is %d (%v) after hardenProcess, want 0", now, err)
 	}
 }

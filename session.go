@@ -63,6 +63,23 @@ func (k *keyring) expire(now time.Time, maxAge time.Duration) (droppedCurrent bo
 	return droppedCurrent
 }
 
+// goodbye drops what the peer's goodbye under s ends (PROTOCOL.md §4.2): s, the sessions
+// made before it, and those made after it that the peer never used (it said goodbye while
+// they were on their way). A session made after s that the peer did use is a new life of
+// the peer (it restarted, and the goodbye came late) and stays. It reports whether the
+// current session went.
+func (k *keyring) goodbye(s *session) (droppedCurrent bool) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	for _, p := range []*atomic.Pointer[session]{&k.current, &k.previous, &k.next} {
+		if x := p.Load(); x != nil && (x == s || !x.created.After(s.created) || !x.received.Load()) {
+			p.Store(nil)
+			droppedCurrent = droppedCurrent || p == &k.current
+		}
+	}
+	return droppedCurrent
+}
+
 func (k *keyring) clear() {
 	k.mu.Lock()
 	defer k.mu.Unlock()

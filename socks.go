@@ -269,7 +269,7 @@ func (s *socksCarrier) ReadBatch(msgs []carrierMsg) (int, error) {
 	for {
 		n, err := s.udp.readBatch(msgs, s.rhdrs)
 		if err != nil {
-			return 0, err
+			return 0, s.translate(err)
 		}
 		relay := s.relay.Load()
 		kept := 0
@@ -300,11 +300,51 @@ func (s *socksCarrier) WriteBatch(msgs []carrierMsg, to netip.AddrPort) error {
 	hdr := s.hdr
 	s.mu.Unlock()
 	// hdr is replaced, never changed in place, so it stays valid for this batch.
-	return s.udp.writeBatch(msgs, *relay, hdr)
+	return s.translate(s.udp.writeBatch(msgs, *relay, hdr))
+}
+
+// translate makes the socket's reports about datagrams to the relay into reports about
+// datagrams to the peer they were for (the relay carries them for it alone): the
+// destination is the peer's, the quote loses the SOCKS header.
+func (s *socksCarrier) translate(err error) error {
+	relay := s.relay.Load()
+	s.mu.Lock()
+	peer, hdrLen := s.hdrTo, len(s.hdr)
+	s.mu.Unlock()
+	if err == nil || relay == nil || !peer.IsValid() {
+		return err
+	}
+	for _, e := range append([]error{err}, unwrapAll(err)...) {
+		ue, ok := e.(*unreachableError)
+		if !ok {
+			continue
+		}
+		for i := range ue.reports {
+			r := &ue.reports[i]
+			if r.dst != *relay {
+				continue
+			}
+			r.dst = peer
+			if r.quoted >= hdrLen {
+				r.quoted -= hdrLen
+				copy(r.quote[:], r.quote[hdrLen:])
+			} else {
+				r.quoted = 0
+			}
+		}
+	}
+	return err
+}
+
+// unwrapAll lists the errors joined in err (one level).
+func unwrapAll(err error) []error {
+	if j, ok := err.(interface{ Unwrap() []error }); ok {
+		return j.Unwrap()
+	}
+	return nil
 }
 
 func (s *socksCarrier) receiveBufferSize(datagram int) int { return s.udp.receiveBufferSize(datagram) }
-func (s *socksCarrier) pathMTU() int                       { return s.udp.pathMTU() }
 func (s *socksCarrier) LocalAddr() netip.AddrPort          { return s.udp.LocalAddr() }
 
 // Close ends the association and closes the socket.

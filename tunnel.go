@@ -108,7 +108,8 @@ type stats struct {
 	dropTooBig            atomic.Uint64 // inner packets too big for the carrier path (answered with ICMP)
 	dropExchange          atomic.Uint64 // key-exchange messages refused
 	dropExchangeQueueFull atomic.Uint64 // key-exchange messages dropped because the queue was full
-	carrierErrors         atomic.Uint64 // failed carrier sends and receives
+	carrierErrors         atomic.Uint64 // failed carrier sends and receives, and ICMP errors about datagrams to the peer
+	carrierForeign        atomic.Uint64 // ICMP errors about datagrams we did not send to the peer (ignored)
 	tunErrors             atomic.Uint64 // failed TUN reads and writes
 	exchanges             atomic.Uint64 // completed key exchanges
 }
@@ -117,11 +118,11 @@ type stats struct {
 func (s *stats) summary() string {
 	return fmt.Sprintf("sent %d packets (%d bytes), received %d packets (%d bytes), %d key exchanges; "+
 		"dropped: %d without session, %d failed authentication, %d replayed, %d for unknown session, "+
-		"%d malformed, %d key-exchange refused; %d carrier errors, %d tun errors",
+		"%d malformed, %d key-exchange refused; %d carrier errors, %d ICMP reports about others ignored, %d tun errors",
 		s.txPackets.Load(), s.txBytes.Load(), s.rxPackets.Load(), s.rxBytes.Load(), s.exchanges.Load(),
 		s.dropNoSession.Load(), s.dropAuth.Load(), s.dropReplay.Load(), s.dropUnknown.Load(),
 		s.dropMalformed.Load(), s.dropExchange.Load()+s.dropExchangeQueueFull.Load(),
-		s.carrierErrors.Load(), s.tunErrors.Load())
+		s.carrierErrors.Load(), s.carrierForeign.Load(), s.tunErrors.Load())
 }
 
 // exchangeMsg is a key-exchange message on its way to the control loop, by value.
@@ -139,12 +140,19 @@ const (
 	eventPingRequest                     // the peer asked for a keepalive
 	eventGoodbye                         // the peer is shutting down
 	eventUnknownSession                  // data for a session we do not hold, while we hold none
+	eventCarrierNews                     // carrier errors or path hints to look at (carrierNews)
+	eventProbe                           // the peer sent a path MTU probe (size: its size)
+	eventProbeAck                        // the peer acknowledged our probe (size: the probe's size)
 )
 
 type tunnelEvent struct {
 	kind    eventKind
 	session *session
 	from    netip.AddrPort
+	old     netip.AddrPort // eventPeerMoved: where the peer was (invalid: nowhere known)
+	index   uint32         // eventUnknownSession: the receiver index of the data message
+	counter uint64         // eventUnknownSession: its counter
+	size    int            // eventProbe, eventProbeAck: the probe's size (carrier payload bytes)
 }
 
 // linkCore is where the data loops and the control loop meet. Who writes and who reads
@@ -156,7 +164,9 @@ type tunnelEvent struct {
 //	keyed, ifname   newLink (fixed)                             all
 //	keys            control loop (rotate, setNext, expire,      all (atomic loads, per batch)
 //	                clear); inbound loop (confirm, under its mutex)
-//	peer            control loop (setPeer)                      all (atomic load, per batch)
+//	peer            control loop (setPeer, forget); inbound     all (atomic load, per batch)
+//	                loop (a fresh authentic message from a new
+//	                address under the current session: roaming)
 //	peerTunnelAddr  control loop (linkUp)                       outbound loop (tooBig)
 //	up              control loop (linkUp, linkDown)             tests, readers outside
 //	lastSent        outbound loop; control loop (keepalives)    control loop (ping)
@@ -187,16 +197,21 @@ type linkCore struct {
 	up             atomic.Bool                    // the link state, for readers outside the control loop
 
 	epoch         time.Time
-	lastSent      atomic.Int64 // the last datagram sent to the peer
-	lastReceived  atomic.Int64 // the last authentic datagram from the peer
-	lastInbound   atomic.Int64 // the last batch that had packets for the interface (any link)
-	carrierErrors atomic.Int64 // maxerr's carrier errors since the last completed key exchange
-	unreachable   atomic.Bool  // the carrier reported an ICMP error since the last initiation
+	lastSent      atomic.Int64  // the last datagram sent to the peer
+	lastReceived  atomic.Int64  // the last authentic datagram from the peer
+	lastInbound   atomic.Int64  // the last batch that had packets for the interface (any link)
+	carrierErrors atomic.Int64  // carrier errors that concern the peer, ever (maxerr counts the new ones)
+	unreachable   atomic.Bool   // the carrier reported an ICMP error since the last initiation
+	carrierNews   atomic.Bool   // an eventCarrierNews is on its way to the control loop
+	pathHint      atomic.Int32  // the smallest "too big" size the network reported lately; 0: none
+	localMTU      atomic.Int32  // this host's own "too big" size (the interface's MTU); 0: none
+	pathMax       atomic.Int32  // the largest message (UDP payload) the path takes, as probed; 0: no limit
+	pendingIndex  atomic.Uint32 // our pending initiation's index (0: none), for judging reports
 
 	exchanges chan exchangeMsg
 	events    chan tunnelEvent
 	stats     stats
-	limits    struct{ auth, exchange, malformed, plaintext, carrier, congestion, tun, icmp, pmtu rateLimit }
+	limits    struct{ auth, exchange, malformed, plaintext, carrier, foreign, congestion, tun, icmp, pmtu rateLimit }
 
 	failed chan error    // receives why the link cannot go on (the interface vanished)
 	stop   chan struct{} // closed when the link stops
@@ -207,7 +222,7 @@ func newLinkCore(cfg *config, log *logger, conn carrier, ifname string) *linkCor
 		exchanges: make(chan exchangeMsg, exchangeQueueSize), events: make(chan tunnelEvent, eventQueueSize),
 		failed: make(chan error, 1), stop: make(chan struct{})}
 	for _, r := range []*rateLimit{&c.limits.auth, &c.limits.exchange, &c.limits.malformed, &c.limits.plaintext,
-		&c.limits.carrier, &c.limits.congestion, &c.limits.tun, &c.limits.pmtu} {
+		&c.limits.carrier, &c.limits.foreign, &c.limits.congestion, &c.limits.tun, &c.limits.pmtu} {
 		r.interval = logInterval
 	}
 	c.limits.icmp.interval = time.Second / icmpPerSecond
@@ -242,10 +257,13 @@ func (c *linkCore) stopping() bool {
 	}
 }
 
-// noteCarrierError counts what went wrong on the carrier: ICMP errors reported for our
-// datagrams and failed sends are maxerr's carrier errors; "packet too big" (path MTU
-// news) and "no buffer space" (a full queue on this host: congestion, the datagram is
-// dropped like any other congested one) are counted but are not.
+// noteCarrierError counts what went wrong on the carrier and tells the control loop what
+// concerns the link. Failed sends are this host's own word; the network's reports (ICMP
+// errors, read from the socket's error queue) are nobody's word: one counts against the
+// link only if it names a datagram we sent to the peer (its destination, and the ciped
+// header it quotes where it quotes one), and even then it only makes the control loop
+// ask the peer, authenticated, whether it is there (maxerr). "Too big" reports are hints
+// to the path MTU search, nothing more. "No buffer space" is congestion on this host.
 func (c *linkCore) noteCarrierError(err error) {
 	if joined, ok := err.(interface{ Unwrap() []error }); ok {
 		for _, e := range joined.Unwrap() {
@@ -253,35 +271,131 @@ func (c *linkCore) noteCarrierError(err error) {
 		}
 		return
 	}
+	var ue *unreachableError
+	if errors.As(err, &ue) {
+		c.noteReports(ue)
+		return
+	}
 	to := "the peer"
 	if p := c.peer.Load(); p != nil {
 		to = p.String()
 	}
-	n := 1
-	var ue *unreachableError
-	if errors.As(err, &ue) {
-		n = ue.count
-		err = ue.err
-	}
-	c.stats.carrierErrors.Add(uint64(n))
+	c.stats.carrierErrors.Add(1)
 	switch {
 	case errors.Is(err, syscall.EMSGSIZE):
-		// Path MTU news: what it means for inner packets is logged where it is acted on.
-		c.log.Debugf("carrier: sending to %s: %v (path MTU)", to, err)
+		c.log.Debugf("carrier: sending to %s: %v (larger than the interface takes)", to, err)
 		return
 	case errors.Is(err, syscall.ENOBUFS):
 		c.log.limitedf(&c.limits.congestion, "carrier: sending to %s: %v (congestion on this host; dropped)", to, err)
 		return
 	}
-	c.carrierErrors.Add(int64(n))
-	if ue != nil {
-		c.unreachable.Store(true)
+	c.carrierErrors.Add(1)
+	c.wakeControl()
+	c.log.limitedf(&c.limits.carrier, "carrier: sending to %s failed: %v", to, err)
+}
+
+// noteReports judges the error-queue entries of one drain (see noteCarrierError).
+func (c *linkCore) noteReports(ue *unreachableError) {
+	peer := c.peer.Load()
+	var mine, foreign uint64
+	for i := range ue.reports {
+		r := &ue.reports[i]
+		switch {
+		case peer == nil:
+			foreign++
+			continue
+		case r.kind == reportLocalTooBig:
+			// Our own kernel, about our own interface: it names no port (the socket is
+			// not connected) and quotes nothing.
+			if r.dst.Addr() != peer.Addr() {
+				foreign++
+				continue
+			}
+		case r.dst != *peer || !c.quotesOurs(r):
+			foreign++
+			continue
+		}
+		switch r.kind {
+		case reportUnreachable:
+			mine++
+		case reportTooBig, reportLocalTooBig:
+			c.notePathHint(r.mtu, r.kind == reportLocalTooBig)
+		}
 	}
+	foreign += uint64(ue.count - len(ue.reports)) // not kept, so not judged: not held against the link
+	c.stats.carrierErrors.Add(mine)
+	c.stats.carrierForeign.Add(foreign)
+	if foreign > 0 {
+		c.log.limitedf(&c.limits.foreign, "carrier: ignored %d ICMP reports about datagrams we did not send to the peer", foreign)
+	}
+	if mine == 0 {
+		return
+	}
+	c.carrierErrors.Add(int64(mine))
+	c.unreachable.Store(true)
+	c.wakeControl()
 	times := "once"
-	if n > 1 {
-		times = fmt.Sprintf("%d times", n)
+	if mine > 1 {
+		times = fmt.Sprintf("%d times", mine)
 	}
-	c.log.limitedf(&c.limits.carrier, "carrier: sending to %s failed %s: %v", to, times, err)
+	c.log.limitedf(&c.limits.carrier, "carrier: sending to %s failed %s (%v)", *peer, times, ue.err)
+}
+
+// quotesOurs reports whether what a report quotes of the datagram could be a message we
+// sent: with a ciped header, one for a session we hold (the receiver index the peer
+// chose) or for our pending initiation. Too short a quote says nothing either way.
+func (c *linkCore) quotesOurs(r *carrierReport) bool {
+	q := r.quote[:min(r.quoted, len(r.quote))]
+	if !c.keyed || len(q) < 2 {
+		return true
+	}
+	if q[offsetVersion] != protocolVersion {
+		return false
+	}
+	if len(q) < 8 {
+		return q[offsetType] >= messageInitiation && q[offsetType] <= messageUnknownSession
+	}
+	index := binary.BigEndian.Uint32(q[4:8])
+	switch q[offsetType] {
+	case messageInitiation:
+		return index != 0 && index == c.pendingIndex.Load()
+	case messageResponse:
+		return c.keys.holdsIndex(index) // the responder's own index
+	case messageData:
+		for _, s := range []*session{c.keys.current.Load(), c.keys.previous.Load(), c.keys.next.Load()} {
+			if s != nil && s.remoteIndex == index {
+				return true
+			}
+		}
+	case messageUnknownSession:
+		return true // the index is the peer's, not ours to check
+	}
+	return false
+}
+
+// notePathHint passes a size the network (or, local, this host) says the path takes to
+// the control loop's path MTU search, which decides. Only the smallest since the last
+// look is kept.
+func (c *linkCore) notePathHint(mtu int, local bool) {
+	if local {
+		c.localMTU.Store(int32(mtu))
+	} else {
+		for {
+			old := c.pathHint.Load()
+			if old != 0 && int(old) <= mtu || c.pathHint.CompareAndSwap(old, int32(mtu)) {
+				break
+			}
+		}
+	}
+	c.wakeControl()
+}
+
+// wakeControl tells the control loop that the carrier has news (errors, hints) for it,
+// with at most one event waiting at a time.
+func (c *linkCore) wakeControl() {
+	if c.carrierNews.CompareAndSwap(false, true) {
+		c.event(tunnelEvent{kind: eventCarrierNews})
+	}
 }
 
 // event hands an event to the control loop without blocking; if the queue is full the
@@ -364,9 +478,16 @@ func (o *outBatch) reset() {
 }
 
 // add reserves the next n bytes of the arena for one datagram and returns them, with the
-// capacity of the whole rest of the arena (for sealing by appending).
-func (o *outBatch) add(n int, ttl, tos uint8) []byte {
+// capacity of the whole rest of the arena (for sealing by appending). A datagram to be
+// fragmented (frag) is a message of its own.
+func (o *outBatch) add(n int, ttl, tos uint8, frag bool) []byte {
 	d := o.arena[o.used : o.used+n]
+	if frag {
+		o.msgs = append(o.msgs, carrierMsg{buf: d, ttl: ttl, tos: tos, frag: true})
+		o.open = false
+		o.used += n
+		return d
+	}
 	if k := len(o.msgs) - 1; k >= 0 && o.open {
 		m := &o.msgs[k]
 		if m.ttl == ttl && m.tos == tos && n <= m.segSize && len(m.buf)/m.segSize < maxGSOSegments &&
@@ -447,11 +568,25 @@ func (o *outbound) emit(pkt []byte, flags byte) {
 	if o.session != nil {
 		size += dataOverhead
 	}
-	if o.maxSize > 0 && size > o.maxSize && !mayFragment(pkt) {
-		// The carrier path cannot take it and its sender asked not to fragment: tell
-		// the sender how much fits, as a router would.
-		o.t.tooBig(pkt, o.maxSize-(size-len(pkt)))
-		return
+	frag := false
+	if o.maxSize > 0 && size > o.maxSize {
+		// The carrier path does not take it whole. A sender that asked not to fragment is
+		// told how much fits, as a router would; but an IPv6 sender never below 1280,
+		// which every IPv6 link must carry: such packets, and IPv4 ones without DF, go
+		// in a fragmented carrier packet.
+		fit := o.maxSize - (size - len(pkt))
+		switch {
+		case mayFragment(pkt):
+			frag = true
+		case pkt[0]>>4 == 6 && fit < minMTUIPv6 && len(pkt) <= minMTUIPv6:
+			frag = true
+		default:
+			if pkt[0]>>4 == 6 {
+				fit = max(fit, minMTUIPv6)
+			}
+			o.t.tooBig(pkt, fit)
+			return
+		}
 	}
 	o.packets++
 	o.bytes += uint64(len(pkt))
@@ -462,10 +597,10 @@ func (o *outbound) emit(pkt []byte, flags byte) {
 		if flags&flagCsumPartial != 0 && !completeChecksum(pkt) {
 			return
 		}
-		copy(o.batch.add(len(pkt), ttl, tos), pkt)
+		copy(o.batch.add(len(pkt), ttl, tos, frag), pkt)
 		return
 	}
-	d := o.batch.add(size, ttl, tos)
+	d := o.batch.add(size, ttl, tos, frag)
 	if o.parallel {
 		copy(d[dataHeaderSize:], pkt)
 		o.jobs = append(o.jobs, sealJob{buf: d, n: len(pkt), flags: flags, counter: o.counter})
@@ -537,13 +672,7 @@ func (t *packetPath) sendFrames(frames []tunFrame, out *outbound) {
 		return
 	}
 	out.peer = *peer
-	out.maxSize = 0
-	if pmtu := t.conn.pathMTU(); pmtu > 0 {
-		out.maxSize = pmtu - carrierIPv4Overhead
-		if peer.Addr().Is6() {
-			out.maxSize = pmtu - carrierIPv6Overhead
-		}
-	}
+	out.maxSize = int(t.pathMax.Load())
 	out.batch.reset()
 	if out.helper != nil && out.session != nil {
 		total := 0
@@ -592,8 +721,9 @@ func (t *packetPath) flush(out *outbound) {
 	out.batch.reset()
 }
 
-// mayFragment reports whether an inner packet may travel in a fragmented carrier packet:
-// an IPv4 packet without DF. (IPv6 forbids fragmentation on the way, as DF does.)
+// mayFragment reports whether an inner packet may travel in a fragmented carrier packet
+// whatever its size: an IPv4 packet without DF. (IPv6 forbids fragmentation on the way,
+// as DF does.)
 func mayFragment(p []byte) bool {
 	return len(p) >= 20 && p[0]>>4 == 4 && p[6]&0x40 == 0
 }
@@ -906,7 +1036,7 @@ func (in *inbound) sort(msg []byte, from netip.AddrPort) {
 		return
 	}
 	switch msg[offsetType] {
-	case messageInitiation, messageResponse:
+	case messageInitiation, messageResponse, messageUnknownSession:
 		t.queueExchange(msg, from)
 		return
 	case messageData:
@@ -927,8 +1057,8 @@ func (in *inbound) sort(msg []byte, from netip.AddrPort) {
 	}
 	if in.unknown == 0 && in.held == [3]*session{} {
 		// We hold no session at all, yet the sender has one with us: we lost ours (a
-		// restart). The control loop may start an exchange with it (once per tokxc).
-		t.event(tunnelEvent{kind: eventUnknownSession, from: from})
+		// restart). The control loop may tell it so (PROTOCOL.md §4.5).
+		t.event(tunnelEvent{kind: eventUnknownSession, from: from, index: h.receiver, counter: h.counter})
 	}
 	in.unknown++
 }
@@ -955,11 +1085,31 @@ func (in *inbound) finish(j *openJob, pkts []innerPacket) []innerPacket {
 	if first {
 		s.received.Store(true)
 	}
-	if s == in.held[2] && t.keys.confirm(s) {
+	confirmed := s == in.held[2] && t.keys.confirm(s)
+	if newest && (s == in.held[0] || confirmed) && (in.peer == nil || *in.peer != from) {
+		// The peer moved (PROTOCOL.md §6.1): what we send from now on goes to where this
+		// fresh, authentic message came from. (Rare: the one allocation here.)
+		ev := tunnelEvent{kind: eventPeerMoved, session: s, from: from}
+		if in.peer != nil {
+			ev.old = *in.peer
+		}
+		p := from
+		t.peer.Store(&p)
+		in.peer = &p
+		t.event(ev)
+	}
+	if confirmed {
 		t.event(tunnelEvent{kind: eventConfirmed, session: s, from: from})
 	}
-	if newest && (in.peer == nil || *in.peer != from) {
-		t.event(tunnelEvent{kind: eventPeerMoved, session: s, from: from})
+	if h.flags&(flagProbe|flagProbeAck) != 0 {
+		// Path MTU probing (PROTOCOL.md §4.6): padding or a size, never a packet.
+		switch {
+		case h.flags&flagProbe != 0:
+			t.event(tunnelEvent{kind: eventProbe, session: s, size: len(j.msg)})
+		case len(inner) == probeAckSize:
+			t.event(tunnelEvent{kind: eventProbeAck, session: s, size: int(binary.BigEndian.Uint32(inner))})
+		}
+		return pkts
 	}
 	if len(inner) == 0 {
 		switch {

@@ -713,7 +713,9 @@ func TestAnswerWatch(t *testing.T) {
 	}
 
 	// A carrier error ends the watch and is counted like the inbound loop's.
-	conn.script, conn.err = nil, &unreachableError{count: 3, err: syscall.ECONNREFUSED}
+	refused := carrierReport{kind: reportUnreachable, dst: cfg.peer}
+	conn.script, conn.err = nil, &unreachableError{count: 3, err: syscall.ECONNREFUSED,
+		reports: []carrierReport{refused, refused, refused}}
 	watch()
 	if got := tn.stats.carrierErrors.Load(); got != 3 {
 		t.Fatalf("carrier errors: %d, want 3", got)
@@ -869,5 +871,23 @@ func TestConfirmationRepeated(t *testing.T) {
 	tn.tick(start.Add(10 * cfg.tokxc))
 	if len(conn.sent) != 3 {
 		t.Fatalf("%d keepalives after the peer answered, want none more", len(conn.sent)-3)
+	}
+}
+
+// TestTunnelLearnedAddress: an end that learns the peer's tunnel address refuses claims
+// no peer can own (unspecified, loopback, multicast, broadcast, link-local, an address
+// of this host) before it answers: its link never comes up.
+func TestTunnelLearnedAddress(t *testing.T) {
+	for _, bad := range []string{"0.0.0.0", "127.0.0.1", "224.0.0.1", "255.255.255.255", "169.254.1.1", "127.0.0.2"} {
+		t.Run(bad, func(t *testing.T) {
+			a, b := newTestPair(t, func(a, b *config) {
+				a.ipaddr = netip.MustParseAddr(bad)
+				b.peer, b.ptpaddr = netip.AddrPort{}, netip.Addr{}
+			})
+			waitFor(t, "b to refuse a's initiation", 20*time.Second, func() bool { return b.t.stats.dropExchange.Load() >= 2 })
+			if b.t.up.Load() || a.t.up.Load() {
+				t.Fatalf("a link came up with a claim of %s", bad)
+			}
+		})
 	}
 }

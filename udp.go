@@ -4,6 +4,14 @@ package main
 // sendmmsg(2) through the Go netpoller, without allocating per packet. With UDP GSO a
 // message of the batch carries many datagrams of one size, which the kernel splits (or
 // hands to the NIC) late; with UDP GRO one received message holds many datagrams.
+//
+// Every datagram leaves with DF (IPv4) and unfragmented, whatever the kernel's route
+// cache believes of the path (IP_PMTUDISC_PROBE): how large a datagram may be is the
+// link's decision, from authenticated probes (pmtu.go). Only datagrams marked to be
+// fragmented go out without DF, for the kernel to cut. The network's ICMP reports about
+// our datagrams are read from the socket's error queue and handed up as they are, with
+// the destination and the first bytes of the datagram they quote: judging them is the
+// link's business.
 
 import (
 	"encoding/binary"
@@ -15,7 +23,6 @@ import (
 	"sync"
 	"sync/atomic"
 	"syscall"
-	"time"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -44,6 +51,7 @@ type carrierMsg struct {
 	from    netip.AddrPort // receive: where it came from
 	ttl     uint8          // send: TTL / hop limit of the carrier packets; 0: the socket's
 	tos     uint8          // send: TOS / traffic class of the carrier packets
+	frag    bool           // send: may be fragmented on the way (one datagram, no GSO)
 }
 
 // datagrams calls fn for each datagram of a received message.
@@ -72,22 +80,47 @@ type carrier interface {
 	// receiveBufferSize is the size ReadBatch's buffers need for datagrams of up to
 	// datagram bytes (more with GRO).
 	receiveBufferSize(datagram int) int
-	// pathMTU is the largest IP packet the path to the peer takes, as the network last
-	// reported it (ICMP "fragmentation needed" / "packet too big"), or 0 if it did not.
-	pathMTU() int
 	LocalAddr() netip.AddrPort
 	Close() error
 }
 
-// unreachableError says that the kernel reported ICMP errors (port or host unreachable,
-// and the like) for count datagrams sent to the peer: the carrier errors of maxerr.
+// reportKind is what an error-queue entry reports.
+type reportKind uint8
+
+const (
+	reportUnreachable reportKind = iota // port, host or network unreachable, and the like
+	reportTooBig                        // ICMP "fragmentation needed" / "packet too big", with a size
+	reportLocalTooBig                   // our own kernel: larger than the interface takes
+)
+
+// carrierReport is one error-queue entry: what the network (or our own kernel) said
+// about a datagram we sent. Nothing in it is authenticated, but the kernel matched it to
+// this socket, and it names where the datagram was going.
+type carrierReport struct {
+	kind   reportKind
+	dst    netip.AddrPort // where the reported datagram was going
+	mtu    int            // reportTooBig, reportLocalTooBig: the largest IP packet said to fit
+	quote  [quoteKept]byte
+	quoted int // how many bytes of the datagram's payload the report quotes (quote holds the first)
+}
+
+const (
+	quoteKept       = 32 // bytes of a quoted datagram kept: a ciped header, behind a SOCKS one
+	reportsKept     = 16 // error-queue entries kept per drain; more are only counted
+	errorQueueDrain = 64 // entries read per drain at most
+)
+
+// unreachableError says that the kernel reported errors for datagrams sent earlier:
+// count entries in its error queue, the first of them kept in reports. Who they concern
+// is the link's to judge.
 type unreachableError struct {
-	count int
-	err   error // the last one
+	count   int
+	reports []carrierReport
+	err     error // the error the system call returned
 }
 
 func (e *unreachableError) Error() string {
-	return fmt.Sprintf("%d datagrams refused on the way to the peer (last: %v)", e.count, e.err)
+	return fmt.Sprintf("%d datagrams reported undeliverable (last: %v)", e.count, e.err)
 }
 
 // gsoFallbackError reports that the kernel refused a GSO send: GSO is off from now on and
@@ -124,12 +157,6 @@ type udpCarrier struct {
 	gso   atomic.Bool // send GSO messages as such (else one datagram each)
 	gro   bool        // the socket coalesces received datagrams
 
-	// The path MTU reported by the network, and until when that report holds (monotonic
-	// nanoseconds since created), like the kernel's own path MTU cache.
-	created   time.Time
-	pmtu      atomic.Int32
-	pmtuUntil atomic.Int64
-
 	// Receive scratch: recv is owned by the one goroutine in ReadBatch, recvNow by the
 	// holder of rlock in readNow.
 	recv, recvNow recvScratch
@@ -150,6 +177,7 @@ type udpCarrier struct {
 	wn      int
 	wdone   int
 	werrno  syscall.Errno
+	wfrag   bool // the socket lets the kernel fragment now (for messages marked frag)
 }
 
 // carrierOptions are the offload switches of the socket.
@@ -184,7 +212,7 @@ func newUDPCarrier(conn *net.UDPConn, opts carrierOptions) (*udpCarrier, []strin
 		return nil, nil, err
 	}
 	local := conn.LocalAddr().(*net.UDPAddr).AddrPort()
-	c := &udpCarrier{conn: conn, raw: raw, ipv6: local.Addr().Is6() && !local.Addr().Is4In6(), local: local, created: time.Now(),
+	c := &udpCarrier{conn: conn, raw: raw, ipv6: local.Addr().Is6() && !local.Addr().Is4In6(), local: local,
 		recv: newRecvScratch(opts.batch), recvNow: newRecvScratch(receiveNowBatch),
 		whdrs: make([]mmsghdr, writeSlots), wiovs: make([]unix.Iovec, 2*writeSlots),
 		wcmsgs: make([]byte, writeSlots*cmsgRoom), wmsg: make([]int, writeSlots)}
@@ -198,11 +226,14 @@ func newUDPCarrier(conn *net.UDPConn, opts carrierOptions) (*udpCarrier, []strin
 				_ = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, opt.plain, carrierSocketBuffer)
 			}
 		}
-		// Without RECVERR an unconnected socket never hears of ICMP errors.
+		// Without RECVERR an unconnected socket never hears of ICMP errors. PROBE: DF on
+		// every datagram, sizes up to the interface's MTU, the route cache ignored.
 		if c.ipv6 {
-			sockErr = unix.SetsockoptInt(int(fd), unix.IPPROTO_IPV6, unix.IPV6_RECVERR, 1)
+			sockErr = errors.Join(unix.SetsockoptInt(int(fd), unix.IPPROTO_IPV6, unix.IPV6_RECVERR, 1),
+				unix.SetsockoptInt(int(fd), unix.IPPROTO_IPV6, unix.IPV6_MTU_DISCOVER, unix.IPV6_PMTUDISC_PROBE))
 		} else {
-			sockErr = unix.SetsockoptInt(int(fd), unix.IPPROTO_IP, unix.IP_RECVERR, 1)
+			sockErr = errors.Join(unix.SetsockoptInt(int(fd), unix.IPPROTO_IP, unix.IP_RECVERR, 1),
+				unix.SetsockoptInt(int(fd), unix.IPPROTO_IP, unix.IP_MTU_DISCOVER, unix.IP_PMTUDISC_PROBE))
 		}
 		if opts.gro {
 			if err := unix.SetsockoptInt(int(fd), unix.IPPROTO_UDP, unix.UDP_GRO, 1); err != nil {
@@ -236,25 +267,6 @@ func (c *udpCarrier) receiveBufferSize(datagram int) int {
 }
 
 func (c *udpCarrier) LocalAddr() netip.AddrPort { return c.local }
-
-// pathMTUExpiry is how long a reported path MTU is believed (the kernel's default too).
-const pathMTUExpiry = 10 * time.Minute
-
-func (c *udpCarrier) pathMTU() int {
-	if time.Since(c.created).Nanoseconds() > c.pmtuUntil.Load() {
-		return 0
-	}
-	return int(c.pmtu.Load())
-}
-
-// notePathMTU records a path MTU the network reported.
-func (c *udpCarrier) notePathMTU(mtu int) {
-	if mtu < 68 || mtu > 65535 {
-		return
-	}
-	c.pmtu.Store(int32(mtu))
-	c.pmtuUntil.Store((time.Since(c.created) + pathMTUExpiry).Nanoseconds())
-}
 
 func (c *udpCarrier) Close() error { return c.conn.Close() }
 
@@ -496,17 +508,18 @@ func (c *udpCarrier) putCmsgs(b []byte, ttl, tos uint8, segSize int) int {
 }
 
 // fill prepares mmsghdrs for msgs[from:], as many as fit: a GSO message as one mmsghdr
-// while GSO is on, else one per datagram. It returns how many mmsghdrs it filled and
-// how many messages they cover completely.
+// while GSO is on, else one per datagram. It stops where the messages' frag mark
+// changes (the socket's DF setting changes there). It returns how many mmsghdrs it
+// filled and how many messages they cover completely.
 func (c *udpCarrier) fill(msgs []carrierMsg, from int, namelen uint32) (hdrs, done int) {
 	gso := c.gso.Load()
-	pmtu := c.pathMTU()
 	for i := from; i < len(msgs); i++ {
 		m := &msgs[i]
+		if m.frag != msgs[from].frag {
+			break
+		}
 		pieces := 1
-		// A GSO message goes out as such only if its datagrams fit the path: larger ones
-		// must be sent one by one, for the kernel to fragment them.
-		if m.segSize > 0 && len(m.buf) > m.segSize && (!gso || (pmtu > 0 && m.segSize+c.headerSize() > pmtu)) {
+		if m.segSize > 0 && len(m.buf) > m.segSize && !gso {
 			pieces = (len(m.buf) + m.segSize - 1) / m.segSize
 		}
 		if hdrs+pieces > len(c.whdrs) {
@@ -562,10 +575,18 @@ func (c *udpCarrier) writeBatch(msgs []carrierMsg, to netip.AddrPort, prefix []b
 		return err
 	}
 	var errs error
+	retried := -1 // the message sent a second time after an error that was not its own
 	for next := 0; next < len(msgs); {
 		hdrs, done := c.fill(msgs, next, namelen)
 		if hdrs == 0 {
 			return errors.Join(errs, fmt.Errorf("a message of %d bytes does not fit a batch", len(msgs[next].buf)))
+		}
+		if msgs[next].frag != c.wfrag {
+			if err := c.setFragmenting(msgs[next].frag); err != nil {
+				errs = errors.Join(errs, err)
+				next += done
+				continue
+			}
 		}
 		sent, err := c.sendmmsg(hdrs)
 		if err == nil {
@@ -579,11 +600,11 @@ func (c *udpCarrier) writeBatch(msgs []carrierMsg, to netip.AddrPort, prefix []b
 		switch {
 		case c.gso.Load() && m.segSize > 0 && len(m.buf) > m.segSize &&
 			(errno == unix.EIO || errno == unix.EMSGSIZE || errno == unix.EINVAL):
-			if mtu := c.kernelPathMTU(to); mtu > 0 && m.segSize+c.headerSize() > mtu {
-				// The path is smaller than the datagrams: not a GSO failure. fill now
-				// sends this message's datagrams one by one.
-				c.notePathMTU(mtu)
-				next = failed
+			if ue := c.drainErrors(errno); ue.tooBigLocally(m.segSize + c.headerSize()) {
+				// The datagrams are larger than the interface takes: not a GSO failure.
+				// The link hears of it from the report; these datagrams are lost.
+				errs = errors.Join(errs, ue)
+				next = failed + 1
 				continue
 			}
 			// The kernel cannot segment (no checksum offload on the way out, an old
@@ -592,16 +613,47 @@ func (c *udpCarrier) writeBatch(msgs []carrierMsg, to netip.AddrPort, prefix []b
 			errs = errors.Join(errs, &gsoFallbackError{err: errno})
 			next = failed
 		case icmpErrno(errno):
-			// A datagram the kernel refused is lost (with the rest of its message, if it
-			// was split), the others go on.
-			errs = errors.Join(errs, c.drainErrors(errno))
+			// Mostly the report of an ICMP error that arrived meanwhile, returned by the
+			// first system call after it: this datagram did not go out, through no fault
+			// of its own, so it goes again, once.
+			ue := c.drainErrors(errno)
+			errs = errors.Join(errs, ue)
 			next = failed + 1
+			if ue.count > 0 && retried != failed {
+				retried, next = failed, failed
+			}
 		default:
 			errs = errors.Join(errs, err)
 			next = failed + 1
 		}
 	}
+	if c.wfrag {
+		errs = errors.Join(errs, c.setFragmenting(false))
+	}
 	return errs
+}
+
+// setFragmenting switches the socket between DF on every datagram (the rule) and letting
+// the kernel fragment (for messages marked frag), under wmu: only writeBatch sends.
+func (c *udpCarrier) setFragmenting(on bool) error {
+	var err error
+	cerr := c.raw.Control(func(fd uintptr) {
+		switch {
+		case c.ipv6 && on:
+			err = unix.SetsockoptInt(int(fd), unix.IPPROTO_IPV6, unix.IPV6_MTU_DISCOVER, unix.IPV6_PMTUDISC_DONT)
+		case c.ipv6:
+			err = unix.SetsockoptInt(int(fd), unix.IPPROTO_IPV6, unix.IPV6_MTU_DISCOVER, unix.IPV6_PMTUDISC_PROBE)
+		case on:
+			err = unix.SetsockoptInt(int(fd), unix.IPPROTO_IP, unix.IP_MTU_DISCOVER, unix.IP_PMTUDISC_DONT)
+		default:
+			err = unix.SetsockoptInt(int(fd), unix.IPPROTO_IP, unix.IP_MTU_DISCOVER, unix.IP_PMTUDISC_PROBE)
+		}
+	})
+	if err = errors.Join(cerr, err); err != nil {
+		return fmt.Errorf("switching fragmentation: %w", err)
+	}
+	c.wfrag = on
+	return nil
 }
 
 // sendmmsg sends c.whdrs[:n], waiting while the socket buffer is full. It returns how
@@ -645,70 +697,68 @@ func (c *udpCarrier) headerSize() int {
 	return carrierIPv4Overhead
 }
 
-// kernelPathMTU asks the kernel for its path MTU towards to (through a throwaway
-// connected socket); 0 if it cannot tell.
-func (c *udpCarrier) kernelPathMTU(to netip.AddrPort) int {
-	network := "udp4"
-	if c.ipv6 {
-		network = "udp6"
-	}
-	probe, err := net.DialUDP(network, nil, net.UDPAddrFromAddrPort(to))
-	if err != nil {
-		return 0
-	}
-	defer probe.Close()
-	raw, err := probe.SyscallConn()
-	if err != nil {
-		return 0
-	}
-	mtu := 0
-	_ = raw.Control(func(fd uintptr) {
-		if c.ipv6 {
-			mtu, _ = unix.GetsockoptInt(int(fd), unix.IPPROTO_IPV6, unix.IPV6_MTU)
-		} else {
-			mtu, _ = unix.GetsockoptInt(int(fd), unix.IPPROTO_IP, unix.IP_MTU)
-		}
-	})
-	return mtu
-}
-
 // drainErrors reads the socket's error queue, where the kernel keeps one entry per ICMP
-// error, and returns them as one *unreachableError (at least one: errno itself). A
-// "fragmentation needed" or "packet too big" report updates the path MTU instead and is
-// not counted as an error.
+// error (and per local "too big"), and returns what it found (count may be 0: errno
+// alone). At most errorQueueDrain entries are read, and reportsKept kept.
 func (c *udpCarrier) drainErrors(errno syscall.Errno) *unreachableError {
 	ue := &unreachableError{err: errno}
-	var buf [1]byte
+	var buf [quoteKept]byte
 	var oob [512]byte
 	// Control, not Read: the receiving goroutine may hold the read lock while it waits.
 	_ = c.raw.Control(func(fd uintptr) {
-		for {
-			_, oobn, _, _, err := unix.Recvmsg(int(fd), buf[:], oob[:], unix.MSG_ERRQUEUE|unix.MSG_DONTWAIT)
+		for range errorQueueDrain {
+			n, oobn, _, from, err := unix.Recvmsg(int(fd), buf[:], oob[:], unix.MSG_ERRQUEUE|unix.MSG_DONTWAIT)
 			if err != nil {
 				return // EAGAIN: the queue is empty
 			}
-			if mtu := pathMTUReport(oob[:oobn]); mtu > 0 {
-				c.notePathMTU(mtu)
+			ue.count++
+			if len(ue.reports) == reportsKept {
 				continue
 			}
-			ue.count++
+			r, ok := parseErrorQueueEntry(oob[:oobn])
+			if !ok {
+				continue
+			}
+			r.dst = sockaddrOf(from)
+			r.quoted = n
+			copy(r.quote[:], buf[:n])
+			ue.reports = append(ue.reports, r)
 		}
 	})
-	if ue.count == 0 && errno == unix.EMSGSIZE {
-		return ue // only path MTU news
-	}
-	ue.count = max(ue.count, 1)
 	return ue
 }
 
-// pathMTUReport finds a path MTU in an error-queue entry's control messages: the
-// sock_extended_err of an ICMP "fragmentation needed" or ICMPv6 "packet too big", or of
-// a local EMSGSIZE. 0 if there is none.
-func pathMTUReport(oob []byte) int {
+// tooBigLocally reports whether our own kernel said a datagram of size bytes is larger
+// than the interface takes.
+func (e *unreachableError) tooBigLocally(size int) bool {
+	for _, r := range e.reports {
+		if r.kind == reportLocalTooBig && r.mtu > 0 && r.mtu < size {
+			return true
+		}
+	}
+	return false
+}
+
+// sockaddrOf turns the address of an error-queue entry (the reported datagram's
+// destination) into an AddrPort; the zero AddrPort if it has none.
+func sockaddrOf(sa unix.Sockaddr) netip.AddrPort {
+	switch sa := sa.(type) {
+	case *unix.SockaddrInet4:
+		return netip.AddrPortFrom(netip.AddrFrom4(sa.Addr), uint16(sa.Port))
+	case *unix.SockaddrInet6:
+		return netip.AddrPortFrom(netip.AddrFrom16(sa.Addr).Unmap(), uint16(sa.Port))
+	}
+	return netip.AddrPort{}
+}
+
+// parseErrorQueueEntry reads the sock_extended_err of an error-queue entry's control
+// messages: an ICMP "fragmentation needed" or ICMPv6 "packet too big" (with the size the
+// reporter says fits), a local EMSGSIZE (with the interface's MTU), or another error.
+func parseErrorQueueEntry(oob []byte) (carrierReport, bool) {
 	for len(oob) >= unix.SizeofCmsghdr {
 		h := (*unix.Cmsghdr)(unsafe.Pointer(&oob[0]))
 		if h.Len < unix.SizeofCmsghdr || int(h.Len) > len(oob) {
-			return 0
+			return carrierReport{}, false
 		}
 		data := oob[unix.CmsgLen(0):h.Len]
 		if ((h.Level == unix.IPPROTO_IP && h.Type == unix.IP_RECVERR) ||
@@ -716,12 +766,14 @@ func pathMTUReport(oob []byte) int {
 			ee := (*unix.SockExtendedErr)(unsafe.Pointer(&data[0]))
 			switch {
 			case ee.Origin == unix.SO_EE_ORIGIN_ICMP && ee.Type == 3 && ee.Code == 4, // fragmentation needed
-				ee.Origin == unix.SO_EE_ORIGIN_ICMP6 && ee.Type == 2, // packet too big
-				ee.Origin == unix.SO_EE_ORIGIN_LOCAL && syscall.Errno(ee.Errno) == unix.EMSGSIZE:
-				return int(ee.Info)
+				ee.Origin == unix.SO_EE_ORIGIN_ICMP6 && ee.Type == 2: // packet too big
+				return carrierReport{kind: reportTooBig, mtu: int(min(ee.Info, 65535))}, true
+			case ee.Origin == unix.SO_EE_ORIGIN_LOCAL && syscall.Errno(ee.Errno) == unix.EMSGSIZE:
+				return carrierReport{kind: reportLocalTooBig, mtu: int(min(ee.Info, 65535))}, true
 			}
+			return carrierReport{kind: reportUnreachable}, true
 		}
 		oob = oob[min(len(oob), unix.CmsgSpace(int(h.Len)-unix.CmsgLen(0))):]
 	}
-	return 0
+	return carrierReport{}, false
 }

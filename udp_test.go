@@ -17,6 +17,7 @@ import (
 type builtDatagram struct {
 	b        []byte
 	ttl, tos int
+	frag     bool // sent with fragmentation allowed
 }
 
 // builderCarrier runs what the outbound loop sends through the real carrier's message
@@ -47,7 +48,7 @@ func (bc *builderCarrier) WriteBatch(msgs []carrierMsg, to netip.AddrPort) error
 			return fmt.Errorf("message %d does not fit a batch", next)
 		}
 		for k := range hdrs {
-			if err := bc.decode(k); err != nil && bc.err == nil {
+			if err := bc.decode(k, msgs[c.wmsg[k]].frag); err != nil && bc.err == nil {
 				bc.err = err
 			}
 		}
@@ -57,7 +58,7 @@ func (bc *builderCarrier) WriteBatch(msgs []carrierMsg, to netip.AddrPort) error
 }
 
 // decode reads mmsghdr k back: its datagrams and what its control messages say.
-func (bc *builderCarrier) decode(k int) error {
+func (bc *builderCarrier) decode(k int, frag bool) error {
 	c := bc.c
 	h := &c.whdrs[k].hdr
 	var payload []byte
@@ -104,7 +105,7 @@ func (bc *builderCarrier) decode(k int) error {
 	}
 	for len(payload) > 0 {
 		n := min(step, len(payload))
-		bc.got = append(bc.got, builtDatagram{b: payload[:n], ttl: ttl, tos: tos})
+		bc.got = append(bc.got, builtDatagram{b: payload[:n], ttl: ttl, tos: tos, frag: frag})
 		payload = payload[n:]
 	}
 	return nil
@@ -137,7 +138,8 @@ func innerForBuilder(v6 bool, size int, ttl, tos uint8, df bool) []byte {
 // checkBuilder sends pkts through the outbound loop's batching and the carrier's message
 // builder, and checks that every packet comes out once, in order, as its own datagram,
 // with the TTL and TOS (DSCP) it carried (or the socket's TTL, with cttl), except those
-// too big for the path that asked not to be fragmented.
+// too big for the path whose senders can be told so (IPv4 with DF, IPv6 above 1280 or
+// above what fits); those too big that cannot be refused go out to be fragmented.
 func checkBuilder(t testing.TB, ipv6Carrier, gso bool, cttl, pmtu int, pkts [][]byte) {
 	t.Helper()
 	cfg := testConfig("10.0.0.1", "10.0.0.2")
@@ -153,9 +155,15 @@ func checkBuilder(t testing.TB, ipv6Carrier, gso bool, cttl, pmtu int, pkts [][]
 		out.maxSize = pmtu - bc.c.headerSize()
 	}
 	var want [][]byte
+	var wantFrag []bool
+	refused := 0
 	for _, p := range pkts {
-		if out.maxSize == 0 || len(p) <= out.maxSize || mayFragment(p) {
-			want = append(want, p)
+		fits := out.maxSize == 0 || len(p) <= out.maxSize
+		carried := mayFragment(p) || (p[0]>>4 == 6 && len(p) <= minMTUIPv6 && out.maxSize < minMTUIPv6)
+		if fits || carried {
+			want, wantFrag = append(want, p), append(wantFrag, !fits)
+		} else {
+			refused++
 		}
 		out.emit(append([]byte(nil), p...), 0)
 	}
@@ -163,8 +171,9 @@ func checkBuilder(t testing.TB, ipv6Carrier, gso bool, cttl, pmtu int, pkts [][]
 	if bc.err != nil {
 		t.Fatal(bc.err)
 	}
-	if len(bc.got) != len(want) {
-		t.Fatalf("%d datagrams built, want %d", len(bc.got), len(want))
+	if len(bc.got) != len(want) || int(tn.stats.dropTooBig.Load()) != refused {
+		t.Fatalf("%d datagrams built, want %d; %d refused as too big, want %d", len(bc.got), len(want),
+			tn.stats.dropTooBig.Load(), refused)
 	}
 	for i, d := range bc.got {
 		if string(d.b) != string(want[i]) {
@@ -173,6 +182,9 @@ func checkBuilder(t testing.TB, ipv6Carrier, gso bool, cttl, pmtu int, pkts [][]
 		ttl, tos := innerTTLAndTOS(want[i])
 		if cttl != 0 {
 			ttl = 0
+		}
+		if d.frag != wantFrag[i] {
+			t.Fatalf("datagram %d of %d bytes (path %d): fragmentable %v, want %v", i, len(d.b), out.maxSize, d.frag, wantFrag[i])
 		}
 		if d.ttl != int(ttl) || d.tos != int(tos) {
 			t.Fatalf("datagram %d goes out with TTL %d TOS %#x, its packet has TTL %d TOS %#x (cttl %d)",

@@ -405,7 +405,6 @@ func (c *sinkCarrier) WriteBatch(msgs []carrierMsg, to netip.AddrPort) error {
 	return nil
 }
 func (c *sinkCarrier) receiveBufferSize(n int) int { return n }
-func (c *sinkCarrier) pathMTU() int                { return 0 }
 func (c *sinkCarrier) LocalAddr() netip.AddrPort   { return netip.AddrPort{} }
 func (c *sinkCarrier) Close() error                { return nil }
 
