@@ -642,3 +642,140 @@ func TestAttackScripts(t *testing.T) {
 	t.Logf("50 flaps (%d link downs): %d scripts ran (%v); SIGTERM done in %v", hub.count("link down: the peer"),
 		len(calls), calls, took.Round(100*time.Millisecond))
 }
+
+// innerUDP builds an IPv4 or IPv6 packet carrying a UDP datagram, checksums complete.
+func innerUDP(src, dst netip.AddrPort, payload []byte) []byte {
+	udp := make([]byte, 8, 8+len(payload))
+	binary.BigEndian.PutUint16(udp[0:], src.Port())
+	binary.BigEndian.PutUint16(udp[2:], dst.Port())
+	binary.BigEndian.PutUint16(udp[4:], uint16(8+len(payload)))
+	udp = append(udp, payload...)
+	var ip []byte
+	if src.Addr().Is4() {
+		ip = make([]byte, 20)
+		ip[0], ip[8], ip[9] = 0x45, 64, 17
+		binary.BigEndian.PutUint16(ip[2:], uint16(20+len(udp)))
+		s, d := src.Addr().As4(), dst.Addr().As4()
+		copy(ip[12:], s[:])
+		copy(ip[16:], d[:])
+		setIPv4HeaderChecksum(ip, 20)
+	} else {
+		ip = make([]byte, 40)
+		ip[0], ip[6], ip[7] = 0x60, 17, 64
+		binary.BigEndian.PutUint16(ip[4:], uint16(len(udp)))
+		s, d := src.Addr().As16(), dst.Addr().As16()
+		copy(ip[8:], s[:])
+		copy(ip[24:], d[:])
+	}
+	pkt := append(ip, udp...)
+	setPartialChecksum(pkt, len(ip), ipProtoUDP, udpCsumOffset)
+	completeChecksum(pkt)
+	return pkt
+}
+
+// send seals an inner packet under the fake peer's session and sends it.
+func (p *fakePeer) send(pkt []byte) {
+	counter, _ := p.s.reserveCounters(1)
+	buf := make([]byte, dataOverhead+len(pkt))
+	p.conn.WriteToUDP(p.s.sealTo(buf, pkt, 0, counter, &p.nonce), p.to)
+}
+
+// TestAttackSpoofedSources: a peer that holds the key sends packets with sources it
+// does not own. With the kernel's loose reverse-path filter (systemd's default; and IPv6
+// has none), one from 192.0.2.55 once reached a local socket on the other host. Now only
+// sources the host routes back through the tunnel get in: the peer's tunnel address,
+// and a network ip-up routes there (from the moment the route exists, no restart);
+// anything else is dropped and counted. rpfilter=no lets all in (asymmetric routing).
+func TestAttackSpoofedSources(t *testing.T) {
+	requireRoot(t)
+	for _, c := range []struct {
+		name                  string
+		ours, theirs, spoofed string
+		routed, routedNet     string
+		rpfilter              bool
+	}{
+		{"IPv4", "10.99.0.2", "10.99.0.1", "192.0.2.55", "192.168.2.5", "192.168.2.0/24", true},
+		{"IPv6", "fd00:99::2", "fd00:99::1", "2001:db8:bad::1", "fd00:2::5", "fd00:2::/64", true},
+		{"IPv4, rpfilter=no", "10.99.0.2", "10.99.0.1", "192.0.2.55", "192.168.2.5", "192.168.2.0/24", false},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			dir := t.TempDir()
+			ns := newNetnsPair(t, false)
+			// The kernel's own filter, as loose as systemd sets it, on a host with default
+			// routes (which that filter takes as a way back for any source).
+			mustRun(t, "ip", "netns", "exec", ns.b, "sysctl", "-qw", "net.ipv4.conf.all.rp_filter=2", "net.ipv4.conf.default.rp_filter=2")
+			mustRun(t, "ip", "-n", ns.b, "route", "add", "default", "via", "198.18.0.1")
+			mustRun(t, "ip", "-n", ns.b, "-6", "route", "add", "default", "dev", "ve1")
+			args := []string{"-o", keyFile(t, dir, "ob", testKey), "me=198.18.0.2:6000", "peer=0.0.0.0:0",
+				"ipaddr=" + c.ours, "ptpaddr=" + c.theirs, "device=cipcb0", "debug"}
+			if !c.rpfilter {
+				args = append(args, "rpfilter=no")
+			}
+			b := startDaemon(t, "b", ns.b, args...)
+			b.waitLog(t, "whoever authenticates first", linkBound)
+			var listener *net.UDPConn
+			if err := inNetns(ns.b, func() (err error) {
+				listener, err = net.ListenUDP("udp", &net.UDPAddr{Port: 7777})
+				return err
+			}); err != nil {
+				t.Fatal(err)
+			}
+			defer listener.Close()
+			received := make(chan string, 64)
+			go func() {
+				buf := make([]byte, 1500)
+				for {
+					n, from, err := listener.ReadFromUDP(buf)
+					if err != nil {
+						return
+					}
+					received <- from.IP.String() + " " + string(buf[:n])
+				}
+			}()
+			peer := newFakePeer(t, ns.a, netip.MustParseAddrPort("198.18.0.2:6000"), c.theirs, c.ours)
+			peer.connect(t)
+			b.waitLog(t, "link up", linkBound)
+			dst := netip.AddrPortFrom(netip.MustParseAddr(c.ours), 7777)
+			from := func(a string) netip.AddrPort { return netip.AddrPortFrom(netip.MustParseAddr(a), 4000) }
+			seen := map[string]bool{}
+			got := func(want string, wait time.Duration) bool {
+				deadline := time.After(wait)
+				for !seen[want] {
+					select {
+					case r := <-received:
+						_, what, _ := strings.Cut(r, " ")
+						seen[what] = true
+					case <-deadline:
+						return false
+					}
+				}
+				return true
+			}
+			peer.send(innerUDP(from(c.spoofed), dst, []byte("spoofed")))
+			peer.send(innerUDP(from(c.theirs), dst, []byte("genuine")))
+			if !got("genuine", 5*time.Second) {
+				t.Fatal("the peer's own packet did not arrive")
+			}
+			if seen["spoofed"] != !c.rpfilter {
+				t.Fatalf("the spoofed packet arrived: %v (rpfilter %v)", seen["spoofed"], c.rpfilter)
+			}
+			// A network routed through the tunnel (as ip-up would) may be claimed from then on.
+			mustRun(t, "ip", "-n", ns.b, "route", "add", c.routedNet, "dev", "cipcb0")
+			ok := false
+			for i := 0; i < 50 && !ok; i++ {
+				peer.send(innerUDP(from(c.routed), dst, []byte("routed")))
+				ok = got("routed", 200*time.Millisecond)
+			}
+			if !ok {
+				t.Fatal("a packet from a network routed through the tunnel did not arrive")
+			}
+			if st := b.terminate(t); st != 0 {
+				t.Fatalf("b exited with %d", st)
+			}
+			dropped := b.count(`dropped \d+ packets from the peer whose source this host does not route`)
+			if c.rpfilter && dropped == 0 || !c.rpfilter && dropped != 0 {
+				t.Fatalf("b logged %d drops of spoofed sources (rpfilter %v)", dropped, c.rpfilter)
+			}
+		})
+	}
+}

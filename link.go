@@ -43,6 +43,7 @@ type linkLife struct {
 	ifindex int          // 0: do not configure the interface (in-process tests)
 	kx      *keyExchange // nil with nokey
 	scripts *scriptRunner
+	routes  *routeWatcher // nil: no source filter
 
 	// rekeyAfter is the number of packets sent under a session before a new exchange;
 	// tests lower it before start.
@@ -150,6 +151,17 @@ func newLink(cfg *config, log *logger, dev tun.Device, port tunPort, conn carrie
 	return l
 }
 
+// filterSources turns on the inner source filter (rpfilter): the routes through the
+// interface are read now and followed from then on. It must be called before start.
+func (l *linkLife) filterSources() error {
+	w, err := watchRoutes(l.ifindex, l.sources.Store, l.log)
+	if err != nil {
+		return err
+	}
+	l.routes = w
+	return nil
+}
+
 // start runs the data loops, the control loop and the watch on the interface's events.
 func (l *linkLife) start() {
 	l.data.start()
@@ -166,6 +178,9 @@ func (l *linkLife) close() {
 		close(l.stop)
 		<-l.ctlDone
 		l.scripts.close()
+		if l.routes != nil {
+			l.routes.close()
+		}
 		l.data.tun.Close()
 		l.conn.Close()
 		l.data.wait()
@@ -210,8 +225,8 @@ func (l *linkLife) report() statusReport {
 		Received: trafficCounts{Packets: s.rxPackets.Load(), Bytes: s.rxBytes.Load()},
 		Dropped: droppedCounts{Auth: s.dropAuth.Load(), Replay: s.dropReplay.Load(), Malformed: s.dropMalformed.Load(),
 			UnknownSession: s.dropUnknown.Load(), NoSession: s.dropNoSession.Load(), TooBig: s.dropTooBig.Load(),
-			KeyExchange: s.dropExchange.Load() + s.dropExchangeQueueFull.Load()},
-		Errors: errorCounts{Carrier: s.carrierErrors.Load(), Interface: s.tunErrors.Load()},
+			Source: s.dropSource.Load(), KeyExchange: s.dropExchange.Load() + s.dropExchangeQueueFull.Load()},
+		Errors: errorCounts{Carrier: s.carrierErrors.Load(), ForeignICMP: s.carrierForeign.Load(), Interface: s.tunErrors.Load()},
 		Time:   time.Now(),
 		Options: statusSettings{Tokey: l.cfg.tokey.String(), Tokxc: l.cfg.tokxc.String(), Ping: l.cfg.ping.String(),
 			Toping: l.cfg.toping.String(), Maxerr: l.cfg.maxerr},
@@ -813,6 +828,12 @@ func (l *linkLife) setInterfacePeer(ptp netip.Addr) error {
 		return err
 	}
 	l.state.configuredPtp = ptp
+	if l.routes != nil {
+		// The route to the peer's address is new: let its packets in from the first.
+		if err := l.routes.refresh(); err != nil {
+			l.log.Printf("rpfilter: %v", err)
+		}
+	}
 	return nil
 }
 

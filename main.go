@@ -250,6 +250,13 @@ func runTunnel(cfg *config, stderr io.Writer, sig signals, runDir string) error 
 		conn.LocalAddr(), peer)
 
 	l := newLink(cfg, log, dev, port, link, name, index)
+	if cfg.rpfilter {
+		if err := l.filterSources(); err != nil {
+			link.Close()
+			dev.Close()
+			return fmt.Errorf("rpfilter: %w", err)
+		}
+	}
 	status, err := listenStatus(runDir, name, l.report)
 	if err != nil {
 		link.Close()

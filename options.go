@@ -224,6 +224,7 @@ type runOptions struct {
 	Socks   endpointOption `name:"socks" placeholder:"ADDR:PORT" help:"Reach the peer through this SOCKS5 server (UDP ASSOCIATE)."`
 	Cipher  string         `name:"cipher" default:"auto" enum:"auto,aes-gcm,chacha20-poly1305" placeholder:"NAME" help:"Data cipher to offer: auto (AES-256-GCM only with AES hardware), aes-gcm, chacha20-poly1305."`
 
+	Rpfilter   bool `name:"rpfilter" default:"true" help:"Accept from the tunnel only packets whose source this host routes back through it (default yes)."`
 	Tunoffload bool `name:"tunoffload" default:"true" help:"TUN offloads: the kernel hands over and takes back TCP/UDP super-packets (default yes)."`
 	Udpgso     bool `name:"udpgso" default:"true" help:"UDP GSO: send runs of datagrams with one system call (default yes)."`
 	Udpgro     bool `name:"udpgro" default:"true" help:"UDP GRO: receive runs of datagrams with one system call (default yes)."`
@@ -255,6 +256,7 @@ type config struct {
 	ciphers  cipherSuite
 	socks    netip.AddrPort // invalid: no proxy
 
+	rpfilter                   bool // inner sources must be routed back through the tunnel
 	tunOffload, udpGSO, udpGRO bool
 }
 
@@ -621,7 +623,7 @@ func (c *cli) config() (*config, error) {
 		device: r.Device, debug: r.Debug, syslog: r.Syslog, tokxc: r.Tokxc.Duration, tokey: r.Tokey.Duration,
 		tokxts: r.Tokxts.Duration, ping: r.Ping.Duration, toping: r.Toping.Duration, maxerr: 8,
 		ipup: r.Ipup, ipdown: r.Ipdown, arg: r.Arg,
-		tunOffload: r.Tunoffload, udpGSO: r.Udpgso, udpGRO: r.Udpgro,
+		rpfilter: r.Rpfilter, tunOffload: r.Tunoffload, udpGSO: r.Udpgso, udpGRO: r.Udpgro,
 	}
 	switch {
 	case r.Key.set && r.Nokey:

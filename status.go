@@ -59,12 +59,14 @@ type droppedCounts struct {
 	UnknownSession uint64 `json:"unknown_session"`
 	NoSession      uint64 `json:"no_session"`
 	TooBig         uint64 `json:"too_big"`
+	Source         uint64 `json:"source"`
 	KeyExchange    uint64 `json:"key_exchange"`
 }
 
 type errorCounts struct {
-	Carrier   uint64 `json:"carrier"`
-	Interface uint64 `json:"interface"`
+	Carrier     uint64 `json:"carrier"`
+	ForeignICMP uint64 `json:"foreign_icmp"` // ICMP reports about datagrams we did not send to the peer (ignored)
+	Interface   uint64 `json:"interface"`
 }
 
 type statusSettings struct {
@@ -238,9 +240,10 @@ func formatStatus(w io.Writer, r statusReport, here uint64) {
 		r.Received.Packets, humanBytes(r.Received.Bytes))
 	d := r.Dropped
 	fmt.Fprintf(w, "  dropped: %d failed authentication, %d replayed, %d malformed, %d for unknown session, "+
-		"%d without session, %d too big, %d key-exchange refused\n", d.Auth, d.Replay, d.Malformed, d.UnknownSession,
-		d.NoSession, d.TooBig, d.KeyExchange)
-	fmt.Fprintf(w, "  errors: %d carrier, %d interface\n", r.Errors.Carrier, r.Errors.Interface)
+		"%d without session, %d too big, %d with a source not routed here, %d key-exchange refused\n", d.Auth, d.Replay,
+		d.Malformed, d.UnknownSession, d.NoSession, d.TooBig, d.Source, d.KeyExchange)
+	fmt.Fprintf(w, "  errors: %d carrier, %d interface; %d ICMP reports about others ignored\n", r.Errors.Carrier,
+		r.Errors.Interface, r.Errors.ForeignICMP)
 }
 
 // sdNotify sends a state to systemd's notify socket ($NOTIFY_SOCKET), if there is one:

@@ -106,6 +106,7 @@ type stats struct {
 	dropUnknown           atomic.Uint64 // data messages for no session we hold (or an expired one)
 	dropMalformed         atomic.Uint64 // datagrams that are not a well-formed message
 	dropTooBig            atomic.Uint64 // inner packets too big for the carrier path (answered with ICMP)
+	dropSource            atomic.Uint64 // inner packets from the peer with a source not routed back through the tunnel
 	dropExchange          atomic.Uint64 // key-exchange messages refused
 	dropExchangeQueueFull atomic.Uint64 // key-exchange messages dropped because the queue was full
 	carrierErrors         atomic.Uint64 // failed carrier sends and receives, and ICMP errors about datagrams to the peer
@@ -118,10 +119,11 @@ type stats struct {
 func (s *stats) summary() string {
 	return fmt.Sprintf("sent %d packets (%d bytes), received %d packets (%d bytes), %d key exchanges; "+
 		"dropped: %d without session, %d failed authentication, %d replayed, %d for unknown session, "+
-		"%d malformed, %d key-exchange refused; %d carrier errors, %d ICMP reports about others ignored, %d tun errors",
+		"%d malformed, %d with a source not routed here, %d key-exchange refused; %d carrier errors, "+
+		"%d ICMP reports about others ignored, %d tun errors",
 		s.txPackets.Load(), s.txBytes.Load(), s.rxPackets.Load(), s.rxBytes.Load(), s.exchanges.Load(),
 		s.dropNoSession.Load(), s.dropAuth.Load(), s.dropReplay.Load(), s.dropUnknown.Load(),
-		s.dropMalformed.Load(), s.dropExchange.Load()+s.dropExchangeQueueFull.Load(),
+		s.dropMalformed.Load(), s.dropSource.Load(), s.dropExchange.Load()+s.dropExchangeQueueFull.Load(),
 		s.carrierErrors.Load(), s.carrierForeign.Load(), s.tunErrors.Load())
 }
 
@@ -197,21 +199,22 @@ type linkCore struct {
 	up             atomic.Bool                    // the link state, for readers outside the control loop
 
 	epoch         time.Time
-	lastSent      atomic.Int64  // the last datagram sent to the peer
-	lastReceived  atomic.Int64  // the last authentic datagram from the peer
-	lastInbound   atomic.Int64  // the last batch that had packets for the interface (any link)
-	carrierErrors atomic.Int64  // carrier errors that concern the peer, ever (maxerr counts the new ones)
-	unreachable   atomic.Bool   // the carrier reported an ICMP error since the last initiation
-	carrierNews   atomic.Bool   // an eventCarrierNews is on its way to the control loop
-	pathHint      atomic.Int32  // the smallest "too big" size the network reported lately; 0: none
-	localMTU      atomic.Int32  // this host's own "too big" size (the interface's MTU); 0: none
-	pathMax       atomic.Int32  // the largest message (UDP payload) the path takes, as probed; 0: no limit
-	pendingIndex  atomic.Uint32 // our pending initiation's index (0: none), for judging reports
+	lastSent      atomic.Int64               // the last datagram sent to the peer
+	lastReceived  atomic.Int64               // the last authentic datagram from the peer
+	lastInbound   atomic.Int64               // the last batch that had packets for the interface (any link)
+	carrierErrors atomic.Int64               // carrier errors that concern the peer, ever (maxerr counts the new ones)
+	unreachable   atomic.Bool                // the carrier reported an ICMP error since the last initiation
+	carrierNews   atomic.Bool                // an eventCarrierNews is on its way to the control loop
+	pathHint      atomic.Int32               // the smallest "too big" size the network reported lately; 0: none
+	localMTU      atomic.Int32               // this host's own "too big" size (the interface's MTU); 0: none
+	pathMax       atomic.Int32               // the largest message (UDP payload) the path takes, as probed; 0: no limit
+	sources       atomic.Pointer[routeTable] // the inner sources the peer may use (rpfilter); nil: any
+	pendingIndex  atomic.Uint32              // our pending initiation's index (0: none), for judging reports
 
 	exchanges chan exchangeMsg
 	events    chan tunnelEvent
 	stats     stats
-	limits    struct{ auth, exchange, malformed, plaintext, carrier, foreign, congestion, tun, icmp, pmtu rateLimit }
+	limits    struct{ auth, exchange, malformed, plaintext, carrier, foreign, congestion, tun, icmp, pmtu, source rateLimit }
 
 	failed chan error    // receives why the link cannot go on (the interface vanished)
 	stop   chan struct{} // closed when the link stops
@@ -222,7 +225,7 @@ func newLinkCore(cfg *config, log *logger, conn carrier, ifname string) *linkCor
 		exchanges: make(chan exchangeMsg, exchangeQueueSize), events: make(chan tunnelEvent, eventQueueSize),
 		failed: make(chan error, 1), stop: make(chan struct{})}
 	for _, r := range []*rateLimit{&c.limits.auth, &c.limits.exchange, &c.limits.malformed, &c.limits.plaintext,
-		&c.limits.carrier, &c.limits.foreign, &c.limits.congestion, &c.limits.tun, &c.limits.pmtu} {
+		&c.limits.carrier, &c.limits.foreign, &c.limits.congestion, &c.limits.tun, &c.limits.pmtu, &c.limits.source} {
 		r.interval = logInterval
 	}
 	c.limits.icmp.interval = time.Second / icmpPerSecond
@@ -938,8 +941,15 @@ type inbound struct {
 	jobs   []openJob
 	helper *cryptoHelper
 
-	packets, bytes, auth, replays, unknown, malformed uint64
-	authentic                                         bool
+	packets, bytes, auth, replays, unknown, malformed, badSource uint64
+	authentic                                                    bool
+
+	// The source filter of the batch (nil: none), and its last answer: a batch is mostly
+	// one flow, so mostly one lookup.
+	filter     *routeTable
+	lastFilter *routeTable
+	lastSrc    netip.Addr
+	lastOK     bool
 }
 
 // openJob is a data message of a batch on its way through PROTOCOL.md §4.1.
@@ -980,7 +990,8 @@ func (in *inbound) receive(msgs []carrierMsg, pkts []innerPacket) []innerPacket 
 		}
 	}
 	in.peer = t.peer.Load()
-	in.packets, in.bytes, in.auth, in.replays, in.unknown, in.malformed, in.authentic = 0, 0, 0, 0, 0, 0, false
+	in.filter = t.sources.Load()
+	in.packets, in.bytes, in.auth, in.replays, in.unknown, in.malformed, in.badSource, in.authentic = 0, 0, 0, 0, 0, 0, 0, false
 	in.jobs = in.jobs[:0]
 	for i := range msgs {
 		m := &msgs[i]
@@ -1019,8 +1030,13 @@ func (in *inbound) receive(msgs []carrierMsg, pkts []innerPacket) []innerPacket 
 	t.stats.dropReplay.Add(in.replays)
 	t.stats.dropUnknown.Add(in.unknown)
 	t.stats.dropMalformed.Add(in.malformed)
+	t.stats.dropSource.Add(in.badSource)
 	if in.auth > 0 {
 		t.log.limitedf(&t.limits.auth, "dropped %d data messages that failed authentication", in.auth)
+	}
+	if in.badSource > 0 {
+		t.log.limitedf(&t.limits.source, "dropped %d packets from the peer whose source this host does not route "+
+			"back through the tunnel (rpfilter; last from %s)", in.badSource, in.lastSrc)
 	}
 	return pkts
 }
@@ -1125,6 +1141,10 @@ func (in *inbound) finish(j *openJob, pkts []innerPacket) []innerPacket {
 		in.malformed++
 		return pkts
 	}
+	if in.filter != nil && !in.sourceAllowed(inner) {
+		in.badSource++
+		return pkts
+	}
 	if partial {
 		if _, _, _, ok := l4Info(inner); !ok {
 			in.malformed++
@@ -1134,6 +1154,21 @@ func (in *inbound) finish(j *openJob, pkts []innerPacket) []innerPacket {
 	in.packets++
 	in.bytes += uint64(len(inner))
 	return append(pkts, innerPacket{pkt: inner, partial: partial})
+}
+
+// sourceAllowed reports whether this host would route a reply to the source of an inner
+// packet (checked by innerPacketOK) back through the tunnel.
+func (in *inbound) sourceAllowed(p []byte) bool {
+	var src netip.Addr
+	if p[0]>>4 == 4 {
+		src = netip.AddrFrom4([4]byte(p[12:16]))
+	} else {
+		src = netip.AddrFrom16([16]byte(p[8:24]))
+	}
+	if src != in.lastSrc || in.filter != in.lastFilter {
+		in.lastSrc, in.lastFilter, in.lastOK = src, in.filter, in.filter.allows(src)
+	}
+	return in.lastOK
 }
 
 // plain handles one datagram of a nokey link: it is the inner packet.
@@ -1148,6 +1183,10 @@ func (in *inbound) plain(d []byte, from netip.AddrPort, pkts []innerPacket) []in
 		in.peer = &p
 	} else if *in.peer != from {
 		in.malformed++ // nokey learns its peer once and never moves
+		return pkts
+	}
+	if in.filter != nil && !in.sourceAllowed(d) {
+		in.badSource++
 		return pkts
 	}
 	in.packets++
