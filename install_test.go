@@ -198,14 +198,17 @@ func TestE2ESampleScripts(t *testing.T) {
 	mustRun(t, "ip", "-n", ns, "addr", "add", "10.77.0.1", "peer", "10.77.0.2", "dev", "cipcb7")
 	mustRun(t, "ip", "-n", ns, "link", "set", "cipcb7", "up")
 	dir, _ := os.Getwd()
-	run := func(script string) {
-		t.Helper()
+	runArgs := func(script, ifname, arg string) ([]byte, error) {
 		// A private /var/log: the samples append to /var/log/ciped.log.
 		cmd := exec.Command("ip", "netns", "exec", ns, "unshare", "-m", "--propagation", "private", "sh", "-c",
-			"mount -t tmpfs none /var/log && exec "+filepath.Join(dir, "samples", script)+
-				" cipcb7 198.18.0.1:6789 4242 10.77.0.1 10.77.0.2 192.168.2.0/24,192.168.3.0/24")
+			`mount -t tmpfs none /var/log && exec "$0" "$@"`, filepath.Join(dir, "samples", script),
+			ifname, "198.18.0.1:6789", "4242", "10.77.0.1", "10.77.0.2", arg)
 		cmd.Env = append(os.Environ(), "CIPED_REASON=test", "CIPED_NETNS=1")
-		if out, err := cmd.CombinedOutput(); err != nil {
+		return cmd.CombinedOutput()
+	}
+	run := func(script string) {
+		t.Helper()
+		if out, err := runArgs(script, "cipcb7", "192.168.2.0/24,192.168.3.0/24"); err != nil {
 			t.Fatalf("%s: %v\n%s", script, err, out)
 		}
 	}
@@ -229,5 +232,19 @@ func TestE2ESampleScripts(t *testing.T) {
 	run("ip-down.firewall")
 	if out, err := exec.Command("ip", "netns", "exec", ns, "nft", "list", "table", "inet", "ciped_cipcb7").CombinedOutput(); err == nil {
 		t.Errorf("after ip-down.firewall the table is still there:\n%s", out)
+	}
+	// What is not a network, or not an interface name, is refused, not spliced into nft
+	// or expanded as file names.
+	for _, c := range []struct{ script, ifname, arg string }{
+		{"ip-up.firewall", "cipcb7", "1.2.3.4 } ; flush ruleset ; add table inet evil {"},
+		{"ip-up.firewall", `cipcb7" drop ; flush ruleset ; #`, "192.168.2.0/24"},
+		{"ip-up.routes", "cipcb7", "*"},
+	} {
+		if out, err := runArgs(c.script, c.ifname, c.arg); err == nil {
+			t.Errorf("%s with %q %q: accepted\n%s", c.script, c.ifname, c.arg, out)
+		}
+	}
+	if out, _ := exec.Command("ip", "netns", "exec", ns, "nft", "list", "tables").CombinedOutput(); len(out) != 0 {
+		t.Errorf("odd arguments left nft tables:\n%s", out)
 	}
 }

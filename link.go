@@ -270,6 +270,11 @@ func (l *linkLife) routineControl() {
 			l.shutdown()
 			return
 		case m := <-l.exchanges:
+			// The inbound loop queues events and key-exchange messages in the order the
+			// datagrams came, on two queues: what it queued as an event before this
+			// message waits there now, and goes first (a goodbye before the initiation
+			// of the peer's next life).
+			l.drainEvents()
 			l.handleExchange(&m)
 		case ev := <-l.events:
 			l.handleEvent(ev)
@@ -282,6 +287,18 @@ func (l *linkLife) routineControl() {
 			l.checkCarrier(now)
 		}
 		l.schedule()
+	}
+}
+
+// drainEvents handles the events waiting on the queue, without waiting for more.
+func (l *linkLife) drainEvents() {
+	for {
+		select {
+		case ev := <-l.events:
+			l.handleEvent(ev)
+		default:
+			return
+		}
 	}
 }
 

@@ -56,9 +56,13 @@ var (
 )
 
 // cipedBinary builds ciped once per test run (with the race detector when the tests
-// have it) and returns its path.
+// have it) and returns its path. CIPED_TEST_BINARY names another binary to run instead
+// (to see which end-to-end tests an older ciped fails).
 func cipedBinary(t *testing.T) string {
 	t.Helper()
+	if bin := os.Getenv("CIPED_TEST_BINARY"); bin != "" {
+		return bin
+	}
 	buildOnce.Do(func() {
 		dir, err := os.MkdirTemp("", "ciped-e2e-")
 		if err != nil {

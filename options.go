@@ -913,8 +913,10 @@ func checkDeviceName(name string) error {
 	if len(name) >= 16 {
 		return fmt.Errorf("%q is longer than 15 characters", name)
 	}
-	if name == "." || name == ".." || strings.ContainsAny(name, "/: \t\n") {
-		return fmt.Errorf("%q is not a valid interface name", name)
+	if name == "." || name == ".." || strings.Trim(name, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-%") != "" {
+		// The kernel takes more, but the name goes to scripts and firewall rules: only
+		// letters, digits, '_', '.', '-'.
+		return fmt.Errorf("%q is not a valid interface name (letters, digits, '_', '.', '-')", name)
 	}
 	if strings.Count(name, "%") > 1 || (strings.Contains(name, "%") && !strings.Contains(name, "%d")) {
 		return fmt.Errorf("%q: the only pattern allowed is one %%d", name)
