@@ -52,6 +52,12 @@ for f in samples/*; do
 	case "$f" in
 	samples/demo) continue ;;
 	samples/options.*) mode=0600 ;;
+	samples/*.service | samples/*.timer)
+		mode=0644
+		sed "s|/usr/local/sbin/ciped|$PREFIX/sbin/ciped|" "$f" > "$work/${f#samples/}"
+		keep "$mode" "$work/${f#samples/}" "/etc/cipe/$f"
+		continue
+		;;
 	*) mode=0755 ;;
 	esac
 	keep "$mode" "$f" "/etc/cipe/$f"

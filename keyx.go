@@ -280,7 +280,8 @@ var (
 
 // exchangeConfig is what the key exchange needs to know about this side of the link.
 type exchangeConfig struct {
-	secrets  linkSecrets
+	secrets  linkSecrets   // from the link key: initiations are made, and checked first, with these
+	old      *linkSecrets  // from the old key during a rotation: accepted, never used to initiate; nil: none
 	ciphers  cipherSuite   // ciphers we accept
 	mtu      int           // our interface MTU, sent to the peer
 	addr     netip.Addr    // our tunnel address (ipaddr)
@@ -308,6 +309,7 @@ type pendingInitiation struct {
 	hs      *noiseHandshake
 	index   uint32
 	sentAt  time.Time
+	secrets linkSecrets // the key it was made with: its response must be under the same
 	message [initiationSize]byte
 }
 
@@ -360,6 +362,19 @@ func (kx *keyExchange) checkPeerPayload(p exchangePayload) error {
 	return nil
 }
 
+// secretsFor finds the key a message's mac is under (PROTOCOL.md §2): the link key first,
+// then the old one, if there is one. A forged message costs one mac, or two during a
+// rotation. old says whether it was the old key; nil secrets: neither.
+func (kx *keyExchange) secretsFor(msg, mac []byte) (secrets *linkSecrets, old bool) {
+	if kx.cfg.secrets.macValid(msg, mac) {
+		return &kx.cfg.secrets, false
+	}
+	if kx.cfg.old != nil && kx.cfg.old.macValid(msg, mac) {
+		return kx.cfg.old, true
+	}
+	return nil, false
+}
+
 // initiate starts a new exchange, replacing any pending one, and returns the initiation
 // to send. now is monotonic time.
 func (kx *keyExchange) initiate(now time.Time) ([]byte, error) {
@@ -368,7 +383,7 @@ func (kx *keyExchange) initiate(now time.Time) ([]byte, error) {
 
 // initiateWith is initiate with a given ephemeral key; tests pass a fixed one.
 func (kx *keyExchange) initiateWith(now time.Time, ephemeral *ecdh.PrivateKey) ([]byte, error) {
-	p := &pendingInitiation{index: kx.newIndex(), sentAt: now}
+	p := &pendingInitiation{index: kx.newIndex(), sentAt: now, secrets: kx.cfg.secrets}
 	ts := uint64(kx.wallClock().UnixNano())
 	if ts <= kx.lastSentTime {
 		ts = kx.lastSentTime + 1
@@ -402,7 +417,8 @@ func (kx *keyExchange) consumeInitiationWith(msg []byte, now time.Time, ephemera
 	if len(msg) != initiationSize || msg[offsetVersion] != protocolVersion || msg[offsetType] != messageInitiation {
 		return nil, nil, errMalformed
 	}
-	if !kx.cfg.secrets.macValid(msg[:initiationOffMAC], msg[initiationOffMAC:]) {
+	secrets, old := kx.secretsFor(msg[:initiationOffMAC], msg[initiationOffMAC:])
+	if secrets == nil {
 		return nil, nil, errAuth
 	}
 	ts := binary.BigEndian.Uint64(msg[initiationOffTime:])
@@ -415,7 +431,7 @@ func (kx *keyExchange) consumeInitiationWith(msg []byte, now time.Time, ephemera
 			return nil, nil, fmt.Errorf("%w: clocks differ by %v", errSkew, skew.Round(time.Millisecond))
 		}
 	}
-	hs, err := newNoiseHandshake(append([]byte(prologueLabel), msg[:initiationHeaderSize]...), kx.cfg.secrets.psk, ephemeral)
+	hs, err := newNoiseHandshake(append([]byte(prologueLabel), msg[:initiationHeaderSize]...), secrets.psk, ephemeral)
 	if err != nil {
 		return nil, nil, err
 	}
@@ -434,7 +450,10 @@ func (kx *keyExchange) consumeInitiationWith(msg []byte, now time.Time, ephemera
 	if suite == 0 {
 		return nil, nil, fmt.Errorf("%w: peer offers %v, we accept %v", errNoCommonCipher, peer.ciphers, kx.cfg.ciphers)
 	}
-	if kx.pending != nil && bytes.Compare(kx.pending.hs.ephemeral.PublicKey().Bytes(), hs.remoteE.Bytes()) > 0 {
+	// An initiation under the old key comes from a peer that does not have our key yet:
+	// ours cannot win, whatever the rule says.
+	if kx.pending != nil && !old && bytes.Compare(kx.pending.hs.ephemeral.PublicKey().Bytes(), hs.remoteE.Bytes()) > 0 {
+		kx.lastPeerTime = ts // a copy of it (a replay) is stale from now on: it earns nothing more
 		return nil, nil, errCollisionWon
 	}
 
@@ -447,7 +466,7 @@ func (kx *keyExchange) consumeInitiationWith(msg []byte, now time.Time, ephemera
 	if resp, err = hs.writeMessage2(resp, kx.payload(suite)); err != nil {
 		return nil, nil, err
 	}
-	mac := kx.cfg.secrets.mac(resp)
+	mac := secrets.mac(resp)
 	resp = append(resp, mac[:]...)
 
 	k1, k2 := hs.split()
@@ -471,7 +490,7 @@ func (kx *keyExchange) consumeResponse(msg []byte, now time.Time) (*exchangeResu
 	if p == nil || binary.BigEndian.Uint32(msg[responseOffReceiver:]) != p.index {
 		return nil, errNotWaiting
 	}
-	if !kx.cfg.secrets.macValid(msg[:responseOffMAC], msg[responseOffMAC:]) {
+	if !p.secrets.macValid(msg[:responseOffMAC], msg[responseOffMAC:]) {
 		return nil, errAuth
 	}
 	hs := *p.hs // a failed attempt must leave the pending state usable
@@ -523,7 +542,7 @@ func (kx *keyExchange) consumeUnknownSession(msg []byte) (receiver uint32, count
 	if len(msg) != unknownSessionSize || msg[offsetVersion] != protocolVersion || msg[offsetType] != messageUnknownSession {
 		return 0, 0, errMalformed
 	}
-	if !kx.cfg.secrets.macValid(msg[:unknownSessionOffMAC], msg[unknownSessionOffMAC:]) {
+	if secrets, _ := kx.secretsFor(msg[:unknownSessionOffMAC], msg[unknownSessionOffMAC:]); secrets == nil {
 		return 0, 0, errAuth
 	}
 	return binary.BigEndian.Uint32(msg[unknownSessionOffReceiver:]), binary.BigEndian.Uint64(msg[unknownSessionOffCounter:]), nil

@@ -393,3 +393,66 @@ func FuzzExchangeMessages(f *testing.F) {
 		}
 	})
 }
+
+// TestKeyRotation: during a rotation a responder holds the new key and the old one: it
+// accepts an initiation under either (and answers under the same), a collision with an
+// initiation under the old key goes to the peer that still has it, an initiator checks
+// a response under the key it initiated with (even if its key changed meanwhile), and a
+// forgery is refused. The unknown-session message is accepted under either key.
+func TestKeyRotation(t *testing.T) {
+	oldKey, newKey := deriveLinkSecrets([linkKeySize]byte{1}), deriveLinkSecrets([linkKeySize]byte{2})
+	side := func(addr, peer string, secrets linkSecrets, old *linkSecrets) *keyExchange {
+		return &keyExchange{cfg: exchangeConfig{secrets: secrets, old: old, ciphers: knownCiphers, mtu: 1440,
+			addr: netip.MustParseAddr(addr), expected: netip.MustParseAddr(peer)}, wallClock: time.Now}
+	}
+	now := time.Now()
+	rotating := side("10.0.0.2", "10.0.0.1", newKey, &oldKey)
+	for _, initiator := range []*keyExchange{side("10.0.0.1", "10.0.0.2", oldKey, nil), side("10.0.0.1", "10.0.0.2", newKey, nil)} {
+		m1, _ := initiator.initiate(now)
+		m2, _, err := rotating.consumeInitiation(m1, now)
+		if err != nil {
+			t.Fatalf("an initiation under the %s key: %v", map[bool]string{true: "old", false: "new"}[initiator.cfg.secrets == oldKey], err)
+		}
+		if _, err := initiator.consumeResponse(m2, now); err != nil {
+			t.Fatalf("the response to it: %v", err)
+		}
+	}
+	// A peer that still has only the old key cannot take an initiation under the new one.
+	behind := side("10.0.0.1", "10.0.0.2", oldKey, nil)
+	m1, _ := rotating.initiate(now)
+	if _, _, err := behind.consumeInitiation(m1, now); !errors.Is(err, errAuth) {
+		t.Fatalf("an initiation under the new key at a peer without it: %v", err)
+	}
+	// Collision: the rotating end's pending initiation (new key) cannot win against one
+	// under the old key, whatever the ephemeral keys say: it answers that one.
+	for range 8 {
+		behind := side("10.0.0.1", "10.0.0.2", oldKey, nil)
+		rotating.initiate(now)
+		theirs, _ := behind.initiate(now)
+		if _, _, err := rotating.consumeInitiation(theirs, now); err != nil {
+			t.Fatalf("a colliding initiation under the old key: %v", err)
+		}
+	}
+	// The initiator's key changes while its initiation is under way.
+	ini, res := side("10.0.0.1", "10.0.0.2", oldKey, nil), side("10.0.0.2", "10.0.0.1", oldKey, nil)
+	m1, _ = ini.initiate(now)
+	m2, _, err := res.consumeInitiation(m1, now)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ini.cfg.secrets, ini.cfg.old = newKey, &oldKey // a reload
+	if _, err := ini.consumeResponse(m2, now); err != nil {
+		t.Fatalf("a response under the key the initiation was made with: %v", err)
+	}
+	// Forgeries: no key.
+	forged, _ := side("10.0.0.1", "10.0.0.2", deriveLinkSecrets([linkKeySize]byte{3}), nil).initiate(now)
+	if _, _, err := rotating.consumeInitiation(forged, now); !errors.Is(err, errAuth) {
+		t.Fatalf("an initiation under a third key: %v", err)
+	}
+	for _, k := range []*linkSecrets{&oldKey, &newKey} {
+		u := (&keyExchange{cfg: exchangeConfig{secrets: *k}}).unknownSession(7, 9)
+		if r, c, err := rotating.consumeUnknownSession(u); err != nil || r != 7 || c != 9 {
+			t.Fatalf("an unknown-session message: %d %d %v", r, c, err)
+		}
+	}
+}

@@ -28,11 +28,12 @@ import (
 
 const (
 	minTick, maxTick   = 10 * time.Millisecond, time.Second // the control loop's timer
-	unreachableRetry   = time.Second                        // retry of an initiation the carrier reported unreachable
+	firstRetry         = time.Second                        // an unanswered initiation is sent again after this, then twice as long, up to tokxc
 	unknownSessionRate = 4                                  // unknown-session messages we send a second, at most
 	staleLogInterval   = time.Minute                        // at most one line a minute about old initiations
-	errorProbeWait     = 250 * time.Millisecond             // between liveness probes after carrier errors
-	errorProbes        = 3                                  // unanswered liveness probes before maxerr may end the link
+	errorProbeWait     = 250 * time.Millisecond             // between liveness probes after carrier errors, at least
+	errorProbeWaitMax  = 2 * time.Second                    // ... and at most (three round trips in between)
+	errorProbes        = 5                                  // unanswered liveness probes before maxerr may end the link
 )
 
 // linkLife is one running link: its packet path and its life. Make one with newLink, start
@@ -56,6 +57,7 @@ type linkLife struct {
 	// told of link changes (systemd's STATUS line).
 	viewMu       sync.Mutex
 	view         linkView
+	meter        rateMeter
 	onLinkChange func(status string)
 
 	// Control loop state.
@@ -63,6 +65,9 @@ type linkLife struct {
 	answered     map[*session]exchangePayload // what the peer said in the exchanges we answered, until confirmed
 	exchangeFrom netip.AddrPort               // where the message being handled came from
 	toldUnknown  *session                     // the session the peer last said it does not hold
+	peerLost     bool                         // the peer said so: exchange at once, and again, until one completes
+	retry        time.Duration                // the wait before an unanswered initiation is sent again
+	rtt          time.Duration                // the smoothed round trip of key exchanges; 0: none yet
 	lastPing     time.Time                    // when we last asked the peer for a keepalive
 	lastAsked    time.Time                    // when we last asked the peer to confirm our new session
 	staleLimit   rateLimit                    // lines about initiations with old timestamps
@@ -75,7 +80,8 @@ type linkLife struct {
 	prober     *pathProber
 	probeBuf   []byte
 	probeZeros []byte
-	lastPath   int // the path size last published to the packet path
+	lastPath   int            // the path size last published to the packet path
+	pathPeer   netip.AddrPort // the peer address the size was found for
 
 	// Liveness under carrier errors (maxerr): errors about datagrams to the peer make the
 	// control loop ask the peer, authenticated, every errorProbeWait; only when it does
@@ -85,7 +91,11 @@ type linkLife struct {
 	errProbeAt time.Time // when the last liveness probe went out; zero: none outstanding
 	errProbes  int       // liveness probes since the peer was last heard from
 
-	timer    *time.Timer // wakes the control loop for the next probe
+	timer *time.Timer // wakes the control loop for the next probe
+	// settings are the options as they are now (opt); reloads carries new ones to the
+	// control loop, which alone stores them.
+	settings atomic.Pointer[config]
+	reloads  chan reloadRequest
 	stopOnce sync.Once
 	ctlDone  chan struct{} // closed when the control loop has finished its shutdown work
 	wg       sync.WaitGroup
@@ -116,7 +126,8 @@ type linkView struct {
 func newLink(cfg *config, log *logger, dev tun.Device, port tunPort, conn carrier, ifname string, ifindex int) *linkLife {
 	c := newLinkCore(cfg, log, conn, ifname)
 	l := &linkLife{linkCore: c, data: newPacketPath(c, dev, port), ifindex: ifindex, rekeyAfter: rekeyAfterPackets,
-		answered: map[*session]exchangePayload{}, ctlDone: make(chan struct{})}
+		answered: map[*session]exchangePayload{}, ctlDone: make(chan struct{}), reloads: make(chan reloadRequest)}
+	l.settings.Store(cfg)
 	if cfg.key != nil {
 		l.kx = &keyExchange{
 			cfg: exchangeConfig{secrets: deriveLinkSecrets(*cfg.key), ciphers: cfg.ciphers, mtu: cfg.mtu,
@@ -124,6 +135,10 @@ func newLink(cfg *config, log *logger, dev tun.Device, port tunPort, conn carrie
 			wallClock:  l.wallClock,
 			indexInUse: l.keys.holdsIndex,
 			acceptAddr: l.learnable,
+		}
+		if cfg.oldkey != nil {
+			old := deriveLinkSecrets(*cfg.oldkey)
+			l.kx.cfg.old = &old
 		}
 	}
 	header := carrierIPv4Overhead
@@ -142,6 +157,7 @@ func newLink(cfg *config, log *logger, dev tun.Device, port tunPort, conn carrie
 	l.lastPath = largest
 	l.pathMax.Store(int32(largest))
 	l.staleLimit.interval = staleLogInterval
+	l.retry = min(firstRetry, cfg.tokxc)
 	l.unknownLimit.interval = time.Second / unknownSessionRate
 	l.state.configuredPtp = cfg.ptpaddr
 	if cfg.ptpaddr.IsValid() {
@@ -204,7 +220,114 @@ func (l *linkLife) routineInterfaceEvents() {
 }
 
 // rejectAfter is the lifetime of a session (PROTOCOL.md §5).
-func (l *linkLife) rejectAfter() time.Duration { return sessionLifetime(l.cfg.tokey, l.cfg.tokxc) }
+func (l *linkLife) rejectAfter() time.Duration { return time.Duration(l.lifetime.Load()) }
+
+// opt is the link's settings as they are now: those a reload may change (timers,
+// scripts, keys, cipher, debug) come from here, the rest from the core's fixed cfg. Safe
+// for concurrent use.
+func (l *linkLife) opt() *config { return l.settings.Load() }
+
+// tickInterval is the control loop's timer for the settings: a quarter of the shortest
+// of its intervals, within minTick and maxTick.
+func tickInterval(c *config) time.Duration {
+	tick := min(c.tokxc, c.tokey)
+	for _, d := range []time.Duration{c.ping, c.toping} {
+		if d > 0 {
+			tick = min(tick, d)
+		}
+	}
+	return max(minTick, min(maxTick, tick/4))
+}
+
+// reloadRequest carries new settings to the control loop; done is closed once they
+// apply.
+type reloadRequest struct {
+	cfg  *config
+	done chan struct{}
+}
+
+// reload makes next the link's settings, without touching the interface or the session
+// (PROTOCOL.md is unaffected: the next exchange uses the new key and ciphers). Options
+// that cannot change on a running link make it refuse the whole of next. It returns the
+// names of the options that changed. Safe to call from any goroutine but the control
+// loop.
+func (l *linkLife) reload(next *config) (changed []string, err error) {
+	cur := l.opt()
+	if fixed := fixedChanges(cur, next); len(fixed) > 0 {
+		return nil, fmt.Errorf("%s cannot change on a running link (restart ciped for that); nothing was changed",
+			strings.Join(fixed, ", "))
+	}
+	done := make(chan struct{})
+	select {
+	case l.reloads <- reloadRequest{cfg: next, done: done}:
+	case <-l.stop:
+		return nil, errors.New("the link is stopping")
+	}
+	select {
+	case <-done:
+	case <-l.ctlDone:
+		return nil, errors.New("the link is stopping")
+	}
+	return liveChanges(cur, next), nil
+}
+
+// apply puts new settings in place; the control loop calls it.
+func (l *linkLife) apply(next *config) {
+	l.settings.Store(next)
+	l.log.debug.Store(next.debug)
+	l.lifetime.Store(int64(sessionLifetime(next.tokey, next.tokxc)))
+	if l.kx != nil {
+		l.kx.cfg.secrets, l.kx.cfg.old = deriveLinkSecrets(*next.key), nil
+		if next.oldkey != nil {
+			old := deriveLinkSecrets(*next.oldkey)
+			l.kx.cfg.old = &old
+		}
+		l.kx.cfg.ciphers, l.kx.cfg.tokxts = next.ciphers, next.tokxts
+	}
+}
+
+// fixedChanges names the options that differ between two settings and cannot change on
+// a running link.
+func fixedChanges(a, b *config) []string {
+	var names []string
+	for _, c := range []struct {
+		name string
+		same bool
+	}{
+		{"nokey", (a.key == nil) == (b.key == nil)}, {"me", a.me == b.me}, {"peer", a.peer == b.peer},
+		{"ipaddr", a.ipaddr == b.ipaddr}, {"ptpaddr", a.ptpaddr == b.ptpaddr && a.ptpRange == b.ptpRange},
+		{"mtu", a.mtu == b.mtu}, {"cttl", a.cttl == b.cttl}, {"metric", a.metric == b.metric},
+		{"device", a.device == b.device}, {"syslog", a.syslog == b.syslog}, {"socks", a.socks == b.socks},
+		{"rpfilter", a.rpfilter == b.rpfilter}, {"tunoffload", a.tunOffload == b.tunOffload},
+		{"udpgso", a.udpGSO == b.udpGSO}, {"udpgro", a.udpGRO == b.udpGRO},
+	} {
+		if !c.same {
+			names = append(names, c.name)
+		}
+	}
+	return names
+}
+
+// liveChanges names the options that differ between two settings and change on a
+// running link.
+func liveChanges(a, b *config) []string {
+	sameKey := func(x, y *[linkKeySize]byte) bool { return (x == nil) == (y == nil) && (x == nil || *x == *y) }
+	var names []string
+	for _, c := range []struct {
+		name string
+		same bool
+	}{
+		{"key", sameKey(a.key, b.key)}, {"oldkey", sameKey(a.oldkey, b.oldkey)}, {"cipher", a.ciphers == b.ciphers},
+		{"tokxc", a.tokxc == b.tokxc}, {"tokey", a.tokey == b.tokey}, {"tokxts", a.tokxts == b.tokxts},
+		{"ping", a.ping == b.ping}, {"toping", a.toping == b.toping}, {"maxerr", a.maxerr == b.maxerr},
+		{"ipup", a.ipup == b.ipup}, {"ipdown", a.ipdown == b.ipdown}, {"arg", a.arg == b.arg}, {"debug", a.debug == b.debug},
+	} {
+		if !c.same {
+			names = append(names, c.name)
+		}
+	}
+	return names
+}
 
 // wallClock is the wall clock of the key exchange's timestamps.
 func (l *linkLife) wallClock() time.Time { return time.Now().Add(time.Duration(l.wallSkew.Load())) }
@@ -228,8 +351,8 @@ func (l *linkLife) report() statusReport {
 			Source: s.dropSource.Load(), KeyExchange: s.dropExchange.Load() + s.dropExchangeQueueFull.Load()},
 		Errors: errorCounts{Carrier: s.carrierErrors.Load(), ForeignICMP: s.carrierForeign.Load(), Interface: s.tunErrors.Load()},
 		Time:   time.Now(),
-		Options: statusSettings{Tokey: l.cfg.tokey.String(), Tokxc: l.cfg.tokxc.String(), Ping: l.cfg.ping.String(),
-			Toping: l.cfg.toping.String(), Maxerr: l.cfg.maxerr},
+		Options: statusSettings{Tokey: l.opt().tokey.String(), Tokxc: l.opt().tokxc.String(), Ping: l.opt().ping.String(),
+			Toping: l.opt().toping.String(), Maxerr: l.opt().maxerr},
 	}
 	if v.up {
 		r.Link = "up"
@@ -237,7 +360,54 @@ func (l *linkLife) report() statusReport {
 	if p := l.peer.Load(); p != nil {
 		r.Peer = p.String()
 	}
+	if heard := l.lastReceived.Load(); heard > 0 {
+		r.LastReceived = l.epoch.Add(time.Duration(heard))
+	}
+	r.PathMTU = int(l.pathMax.Load()) + l.prober.header
+	r.Rates = l.meter.rates(r.Time, s.txBytes.Load(), s.rxBytes.Load())
 	return r
+}
+
+// rateMeter keeps a second-by-second record of the byte counters over the last
+// rateWindow, for the rates of the status report. Safe for concurrent use.
+type rateMeter struct {
+	mu      sync.Mutex
+	samples [rateWindow + 1]rateSample
+	next    int
+}
+
+type rateSample struct {
+	at     time.Time
+	tx, rx uint64
+}
+
+const rateWindow = 10 // seconds the rates are taken over
+
+// record notes the counters at now, once a second at most.
+func (m *rateMeter) record(now time.Time, tx, rx uint64) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	last := m.samples[(m.next+len(m.samples)-1)%len(m.samples)]
+	if !last.at.IsZero() && now.Sub(last.at) < time.Second {
+		return
+	}
+	m.samples[m.next] = rateSample{at: now, tx: tx, rx: rx}
+	m.next = (m.next + 1) % len(m.samples)
+}
+
+// rates are the bytes per second from the oldest sample kept to the counters at now.
+func (m *rateMeter) rates(now time.Time, tx, rx uint64) rates {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	oldest := m.samples[m.next]
+	if oldest.at.IsZero() {
+		oldest = m.samples[0]
+	}
+	secs := now.Sub(oldest.at).Seconds()
+	if oldest.at.IsZero() || secs <= 0 {
+		return rates{}
+	}
+	return rates{Sent: float64(tx-oldest.tx) / secs, Received: float64(rx-oldest.rx) / secs}
 }
 
 // ---------------------------------------------------------------------------------------
@@ -245,15 +415,9 @@ func (l *linkLife) report() statusReport {
 
 func (l *linkLife) routineControl() {
 	defer close(l.ctlDone)
-	tick := min(l.cfg.tokxc, l.cfg.tokey)
-	for _, d := range []time.Duration{l.cfg.ping, l.cfg.toping} {
-		if d > 0 {
-			tick = min(tick, d)
-		}
-	}
-	tick = max(minTick, min(maxTick, tick/4))
-	ticker := time.NewTicker(tick)
+	ticker := time.NewTicker(tickInterval(l.opt()))
 	defer ticker.Stop()
+	l.meter.record(time.Now(), 0, 0)
 	l.timer = time.NewTimer(time.Hour)
 	defer l.timer.Stop()
 	if l.kx == nil {
@@ -282,9 +446,14 @@ func (l *linkLife) routineControl() {
 			if l.kx != nil {
 				l.tick(now)
 			}
+			l.meter.record(now, l.stats.txBytes.Load(), l.stats.rxBytes.Load())
 			l.checkCarrier(now)
 		case now := <-l.timer.C:
 			l.checkCarrier(now)
+		case r := <-l.reloads:
+			l.apply(r.cfg)
+			ticker.Reset(tickInterval(r.cfg))
+			close(r.done)
 		}
 		l.schedule()
 	}
@@ -304,9 +473,12 @@ func (l *linkLife) drainEvents() {
 
 // schedule sets the timer to the next moment a probe may be due.
 func (l *linkLife) schedule() {
-	next := l.prober.nextAt()
+	var next time.Time
+	if l.state.up {
+		next = l.prober.nextAt()
+	}
 	if !l.errProbeAt.IsZero() {
-		if at := l.errProbeAt.Add(errorProbeWait); next.IsZero() || at.Before(next) {
+		if at := l.errProbeAt.Add(l.errorWait()); next.IsZero() || at.Before(next) {
 			next = at
 		}
 	}
@@ -322,7 +494,7 @@ func (l *linkLife) checkCarrier(now time.Time) {
 	if mtu := l.localMTU.Swap(0); mtu > 0 {
 		l.prober.hint(now, int(mtu), true)
 	}
-	if mtu := l.pathHint.Swap(0); mtu > 0 {
+	if mtu := l.pathHint.Swap(0); mtu > 0 && l.state.up {
 		l.log.Debugf("the network reports that the path to the peer takes packets of %d bytes at most: checking", mtu)
 		l.prober.hint(now, int(mtu), false)
 	}
@@ -352,19 +524,46 @@ func (l *linkLife) watchErrors(now time.Time) {
 		return
 	}
 	l.errOpen += fresh
-	if l.errOpen == 0 || (!l.errProbeAt.IsZero() && now.Sub(l.errProbeAt) < errorProbeWait) {
+	if l.errOpen == 0 || (!l.errProbeAt.IsZero() && now.Sub(l.errProbeAt) < l.errorWait()) {
 		return
 	}
-	if l.cfg.maxerr >= 0 && l.errOpen > int64(l.cfg.maxerr) && l.errProbes >= errorProbes {
+	if l.opt().maxerr >= 0 && l.errOpen > int64(l.opt().maxerr) && l.errProbes >= errorProbes {
 		errs, probes := l.errOpen, l.errProbes
 		l.keys.clear()
 		l.linkDown(fmt.Sprintf("%d carrier errors, and %d probes unanswered, since the peer was last heard from (maxerr %d)",
-			errs, probes, l.cfg.maxerr))
+			errs, probes, l.opt().maxerr))
 		return
 	}
 	l.errProbes++
 	l.errProbeAt = now
 	l.sendKeepalive(l.keys.current.Load(), flagPing)
+}
+
+// startPath begins path MTU discovery on a link that came up or a peer that moved: the
+// size found stays if the peer is where it was found.
+func (l *linkLife) startPath() {
+	p := l.peer.Load()
+	fresh := p == nil || *p != l.pathPeer
+	if p != nil {
+		l.pathPeer = *p
+	}
+	l.prober.start(time.Now(), fresh)
+	l.publishPath()
+}
+
+// errorWait is the wait between liveness probes: three round trips, within
+// errorProbeWait and errorProbeWaitMax.
+func (l *linkLife) errorWait() time.Duration {
+	return min(errorProbeWaitMax, max(errorProbeWait, 3*max(l.rtt, l.prober.rtt)))
+}
+
+// noteRTT takes a round-trip sample (an initiation and its response).
+func (l *linkLife) noteRTT(sample time.Duration) {
+	if l.rtt == 0 {
+		l.rtt = sample
+	} else {
+		l.rtt += (sample - l.rtt) / 8
+	}
 }
 
 // publishPath tells the packet path the largest message the path takes, logging a change.
@@ -423,13 +622,13 @@ func (l *linkLife) tick(now time.Time) {
 		l.watchLink(now)
 	}
 	cur := l.keys.current.Load()
-	if cur != nil && cur.initiator && !cur.received.Load() && now.Sub(l.lastAsked) >= l.cfg.tokxc/2 {
+	if cur != nil && cur.initiator && !cur.received.Load() && now.Sub(l.lastAsked) >= l.opt().tokxc/2 {
 		l.askConfirmation(cur, now) // the last one, or its answer, was lost
 	}
-	due := cur == nil
-	if cur != nil {
+	due := cur == nil || l.peerLost
+	if cur != nil && !due {
 		age := now.Sub(cur.created)
-		due = (cur.initiator && age >= l.cfg.tokey) || (!cur.initiator && age >= l.cfg.tokey+l.cfg.tokxc) ||
+		due = (cur.initiator && age >= l.opt().tokey) || (!cur.initiator && age >= l.opt().tokey+l.opt().tokxc) ||
 			cur.sendCounter.Load() >= l.rekeyAfter
 	}
 	if !due {
@@ -442,20 +641,18 @@ func (l *linkLife) tick(now time.Time) {
 	}
 }
 
-// initiate sends a new initiation to the address, unless one was sent less than tokxc
-// ago and is still waiting for its response. If the carrier reported the last one
-// unreachable (the peer was not running yet), it retries after unreachableRetry already.
+// initiate sends a new initiation to the address, unless the last one is still waiting
+// for its response: an unanswered one is sent again (anew) after firstRetry, then after
+// twice as long each time, up to tokxc; a completed exchange starts the count again.
+// (So a peer that was not running yet is reached within a second or two of its start,
+// with no ICMP error needed, which anyone could forge.)
 func (l *linkLife) initiate(now time.Time, to netip.AddrPort) {
 	if p := l.kx.pending; p != nil {
-		wait := l.cfg.tokxc
-		if l.unreachable.Load() {
-			wait = min(wait, unreachableRetry)
-		}
-		if now.Sub(p.sentAt) < wait {
+		if now.Sub(p.sentAt) < l.retry {
 			return
 		}
+		l.retry = min(2*l.retry, l.opt().tokxc)
 	}
-	l.unreachable.Store(false)
 	msg, err := l.kx.initiate(now)
 	if err != nil {
 		l.log.Printf("cannot start a key exchange: %v", err)
@@ -469,20 +666,20 @@ func (l *linkLife) initiate(now time.Time, to netip.AddrPort) {
 // watchLink applies toping and ping to a link that is up (maxerr: watchErrors).
 func (l *linkLife) watchLink(now time.Time) {
 	silent := time.Duration(l.since(now) - l.lastReceived.Load())
-	if l.cfg.toping > 0 && silent >= l.cfg.toping {
+	if l.opt().toping > 0 && silent >= l.opt().toping {
 		l.keys.clear()
 		l.linkDown(fmt.Sprintf("no word from the peer for %v (toping)", silent.Round(time.Second)))
 		return
 	}
-	if l.cfg.ping <= 0 {
+	if l.opt().ping <= 0 {
 		return
 	}
 	idle := time.Duration(l.since(now) - l.lastSent.Load())
 	switch cur := l.keys.current.Load(); {
-	case silent >= l.cfg.ping && now.Sub(l.lastPing) >= l.cfg.ping:
+	case silent >= l.opt().ping && now.Sub(l.lastPing) >= l.opt().ping:
 		l.lastPing = now
 		l.sendKeepalive(cur, flagPing) // the answer shows the peer is alive
-	case idle >= l.cfg.ping:
+	case idle >= l.opt().ping:
 		l.sendKeepalive(cur, 0) // keeps NAT mappings open
 	}
 }
@@ -542,11 +739,13 @@ func (l *linkLife) handleExchange(m *exchangeMsg) {
 		l.log.Debugf("answering key exchange initiation from %s", m.from)
 		l.sendControl(resp, m.from)
 	case messageResponse:
+		pending := l.kx.pending
 		res, err := l.kx.consumeResponse(msg, now)
 		if err != nil {
 			l.exchangeRefused("response", err, m.from)
 			return
 		}
+		l.noteRTT(now.Sub(pending.sentAt))
 		l.pendingIndex.Store(0)
 		l.keys.rotate(res.session)
 		l.setPeer(m.from)
@@ -574,7 +773,7 @@ func (l *linkLife) handleUnknownSession(msg []byte, from netip.AddrPort, now tim
 		l.log.Debugf("unknown-session message from %s ignored (not about the session we send under)", from)
 		return
 	}
-	l.toldUnknown = cur
+	l.toldUnknown, l.peerLost = cur, true
 	l.log.Printf("the peer at %s lost our session (restarted?): starting a key exchange", from)
 	l.initiate(now, *peer)
 }
@@ -629,6 +828,7 @@ func (l *linkLife) sessionEstablished(s *session, info exchangePayload) {
 	l.view.lastExchange, l.view.cipher = time.Now(), s.suite.String()
 	l.viewMu.Unlock()
 	l.errOpen, l.errProbes, l.errProbeAt = 0, 0, time.Time{}
+	l.retry, l.peerLost = min(firstRetry, l.opt().tokxc), false
 	l.lastReceived.Store(l.since(time.Now()))
 	role := "responder"
 	if s.initiator {
@@ -637,7 +837,7 @@ func (l *linkLife) sessionEstablished(s *session, info exchangePayload) {
 	l.log.Debugf("new session %08x/%08x (%v, we were %s)", s.localIndex, s.remoteIndex, s.suite, role)
 	if !l.state.up {
 		l.linkUp(info)
-		l.prober.start(time.Now())
+		l.startPath()
 	} else {
 		l.prober.grow(time.Now()) // a rekey: has the path grown?
 	}
@@ -665,6 +865,9 @@ func (l *linkLife) handleEvent(ev tunnelEvent) {
 		} else {
 			l.log.Printf("peer is %s", ev.from)
 		}
+		if l.state.up {
+			l.startPath() // another path, maybe
+		}
 	case eventPingRequest:
 		l.sendKeepalive(l.keys.current.Load(), 0)
 	case eventProbe:
@@ -678,11 +881,11 @@ func (l *linkLife) handleEvent(ev tunnelEvent) {
 		// which for us may still be unconfirmed, or already previous.
 		if s := ev.session; s == l.keys.current.Load() || s == l.keys.previous.Load() || s == l.keys.next.Load() {
 			if l.keys.goodbye(s) {
-				l.keys.clear()
 				l.linkDown("the peer shut down")
 			}
 		}
 	case eventUnknownSession:
+		l.unknownPending.Store(false)
 		// Only a peer that does not know where to send initiations answers so: one that
 		// does initiates on its own. At most one datagram, no larger than the one that
 		// called it forth, and at most unknownSessionRate a second.
@@ -750,7 +953,7 @@ func (l *linkLife) scriptArgs(ptp netip.Addr) [6]string {
 	if ptp.IsValid() {
 		ptpText = ptp.String()
 	}
-	return [6]string{l.ifname, local.String(), strconv.Itoa(os.Getpid()), l.cfg.ipaddr.String(), ptpText, l.cfg.arg}
+	return [6]string{l.ifname, local.String(), strconv.Itoa(os.Getpid()), l.cfg.ipaddr.String(), ptpText, l.opt().arg}
 }
 
 // sourceAddressFor asks the kernel which local address it would send to dst from.
@@ -800,7 +1003,7 @@ func (l *linkLife) linkUp(info exchangePayload) {
 	l.view.up, l.view.since, l.view.cipher, l.view.ptp = true, l.state.since, cipher, l.state.args[4]
 	l.viewMu.Unlock()
 	l.linkChanged(fmt.Sprintf("link up, peer %s, cipher %s", peer, cipher))
-	l.scripts.up(scriptCall{name: "ip-up", path: l.cfg.ipup, args: l.state.args, env: l.state.env, undo: l.cfg.ipdown})
+	l.scripts.up(scriptCall{name: "ip-up", path: l.opt().ipup, args: l.state.args, env: l.state.env})
 }
 
 func (l *linkLife) linkDown(reason string) {
@@ -809,15 +1012,16 @@ func (l *linkLife) linkDown(reason string) {
 	}
 	l.state.up = false
 	l.up.Store(false)
+	l.prober.abort()
 	if l.kx != nil && l.cfg.dynamicPeer() {
 		l.peer.Store(nil) // an address that has not proven itself lately earns nothing
 	}
 	l.log.Printf("link down: %s", reason)
 	l.viewMu.Lock()
-	l.view.up, l.view.since = false, time.Now()
+	l.view.up, l.view.since, l.view.cipher = false, time.Now(), ""
 	l.viewMu.Unlock()
 	l.linkChanged("link down: " + reason)
-	l.scripts.down([]string{"CIPED_REASON=" + reason})
+	l.scripts.down([]string{"CIPED_REASON=" + reason}, l.opt().ipdown)
 }
 
 // linkChanged tells the hook, if any, of a change of the link.

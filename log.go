@@ -20,11 +20,12 @@ type logger struct {
 	mu     sync.Mutex
 	w      io.Writer
 	prefix atomic.Pointer[string]
-	debug  bool
+	debug  atomic.Bool
 }
 
 func newLogger(w io.Writer, prefix string, debug bool) *logger {
-	l := &logger{w: w, debug: debug}
+	l := &logger{w: w}
+	l.debug.Store(debug)
 	l.setPrefix(prefix)
 	return l
 }
@@ -41,7 +42,7 @@ func (l *logger) Printf(format string, args ...any) {
 
 // Debugf logs detail that only the debug option asks for.
 func (l *logger) Debugf(format string, args ...any) {
-	if l.debug {
+	if l.debug.Load() {
 		l.Printf(format, args...)
 	}
 }

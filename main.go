@@ -10,10 +10,11 @@ import (
 	"errors"
 	"fmt"
 	"io"
-
 	"os"
 	"os/signal"
+	"strings"
 	"syscall"
+	"time"
 
 	"github.com/alecthomas/kong"
 	"golang.org/x/sys/unix"
@@ -38,11 +39,12 @@ func hardenProcess() {
 	_ = unix.Prctl(unix.PR_SET_DUMPABLE, 0, 0, 0, 0)
 }
 
-// signals are what run reacts to while a link runs: stop (SIGTERM, SIGINT) and report
-// (SIGUSR1, status to the log).
+// signals are what run reacts to while a link runs: stop (SIGTERM, SIGINT), report
+// (SIGUSR1, status to the log) and reload (SIGHUP).
 type signals struct {
 	stop   <-chan struct{}
 	report <-chan struct{}
+	reload <-chan struct{}
 }
 
 // exitRequest carries kong's request to exit (after --help or --version) out of Parse.
@@ -56,7 +58,6 @@ func runArgs(args []string, stdout, stderr io.Writer, systemOptions string, stop
 
 // runWith is run with the directory of the status sockets given (tests use their own).
 func runWith(args []string, stdout, stderr io.Writer, systemOptions string, stop <-chan struct{}, runDir string) (code int) {
-	c := &cli{systemOptions: systemOptions, origins: map[string]string{}}
 	fail := func(code int, err error) int {
 		fmt.Fprintf(stderr, "ciped: error: %v\n", err)
 		var ue *usageError
@@ -65,43 +66,30 @@ func runWith(args []string, stdout, stderr io.Writer, systemOptions string, stop
 		}
 		return code
 	}
-	parser, err := newParser(c, stdout, stderr)
-	if err != nil {
-		return fail(exitFailure, err)
-	}
-	kargs, origins, err := rewriteArgs(args, optionNames(parser.Model))
-	if err != nil {
-		return fail(exitUsage, err)
-	}
-	c.origins = origins
-	ctx, err := func() (ctx *kong.Context, err error) {
-		defer func() {
-			if r := recover(); r != nil {
-				req, ok := r.(exitRequest)
-				if !ok {
-					panic(r)
-				}
-				code = req.code
-				err = errExitRequested
-			}
-		}()
-		return parser.Parse(kargs)
-	}()
-	if errors.Is(err, errExitRequested) {
+	c := &cli{systemOptions: systemOptions, origins: map[string]string{}}
+	cmd, code, err := parseArgs(c, args, stdout, stderr)
+	switch {
+	case errors.Is(err, errExitRequested):
 		return code
+	case err != nil:
+		return fail(code, err)
 	}
-	if err != nil {
-		return fail(exitUsage, err)
-	}
-	switch ctx.Command() {
+	switch cmd {
 	case "status <device>", "status":
-		return runStatus(stdout, stderr, runDir, c.Status.Device, c.Status.JSON)
+		return runStatus(stdout, stderr, runDir, c.Status.Device, c.Status.JSON, c.Status.Metrics)
 	case "genkey":
 		var k [linkKeySize]byte
 		if _, err := rand.Read(k[:]); err != nil {
 			return fail(exitFailure, err)
 		}
 		fmt.Fprintf(stdout, "key %s\n", hex.EncodeToString(k[:]))
+		return exitOK
+	case "check":
+		cfg, err := c.config()
+		if err != nil {
+			return fail(exitUsage, err)
+		}
+		fmt.Fprintf(stdout, "ciped: options are valid: %s\n", describeConfig(cfg))
 		return exitOK
 	default:
 		cfg, err := c.config()
@@ -110,13 +98,51 @@ func runWith(args []string, stdout, stderr io.Writer, systemOptions string, stop
 		}
 		sig := signals{stop: stop}
 		if stop == nil {
-			sig = watchSignals(stderr)
+			sig = watchSignals()
 		}
-		if err := runTunnel(cfg, stderr, sig, runDir); err != nil {
+		// A reload reads every source again, as at start.
+		reparse := func() (*config, error) {
+			c := &cli{systemOptions: systemOptions, origins: map[string]string{}}
+			if _, _, err := parseArgs(c, args, io.Discard, io.Discard); err != nil {
+				return nil, err
+			}
+			return c.config()
+		}
+		if err := runTunnel(cfg, stderr, sig, runDir, reparse); err != nil {
 			return fail(exitFailure, err)
 		}
 		return exitOK
 	}
+}
+
+// parseArgs parses the command line into c (for the run and check commands, with the
+// options files: see cli.BeforeResolve) and returns the command. errExitRequested comes
+// with the code kong asked to exit with (--help, --version); any other error with the
+// exit status it deserves.
+func parseArgs(c *cli, args []string, stdout, stderr io.Writer) (cmd string, code int, err error) {
+	parser, err := newParser(c, stdout, stderr)
+	if err != nil {
+		return "", exitFailure, err
+	}
+	kargs, origins, err := rewriteArgs(args, optionNames(parser.Model))
+	if err != nil {
+		return "", exitUsage, err
+	}
+	c.origins = origins
+	defer func() {
+		if r := recover(); r != nil {
+			req, ok := r.(exitRequest)
+			if !ok {
+				panic(r)
+			}
+			code, err = req.code, errExitRequested
+		}
+	}()
+	ctx, err := parser.Parse(kargs)
+	if err != nil {
+		return "", exitUsage, err
+	}
+	return ctx.Command(), exitOK, nil
 }
 
 var errExitRequested = errors.New("exit requested")
@@ -138,17 +164,20 @@ func newParser(c *cli, stdout, stderr io.Writer) (*kong.Kong, error) {
 	)
 }
 
-// watchSignals turns SIGTERM and SIGINT into stop (closed by the first) and SIGUSR1 into
-// report; it ignores SIGHUP, saying so.
-func watchSignals(stderr io.Writer) signals {
+// watchSignals turns SIGTERM and SIGINT into stop (closed by the first), SIGUSR1 into
+// report and SIGHUP into reload (one of each waiting at most).
+func watchSignals() signals {
 	sigs := make(chan os.Signal, 4)
 	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP, syscall.SIGUSR1)
-	stop, report := make(chan struct{}), make(chan struct{}, 1)
+	stop, report, reload := make(chan struct{}), make(chan struct{}, 1), make(chan struct{}, 1)
 	go func() {
 		for sig := range sigs {
 			switch sig {
 			case syscall.SIGHUP:
-				fmt.Fprintln(stderr, "ciped: SIGHUP ignored; restart ciped to change its options")
+				select {
+				case reload <- struct{}{}:
+				default:
+				}
 			case syscall.SIGUSR1:
 				select {
 				case report <- struct{}{}:
@@ -160,12 +189,13 @@ func watchSignals(stderr io.Writer) signals {
 			}
 		}
 	}()
-	return signals{stop: stop, report: report}
+	return signals{stop: stop, report: report, reload: reload}
 }
 
 // runTunnel sets up the interface and the carrier, runs the link until sig.stop is
-// closed, and takes everything down again. Its status is served under runDir.
-func runTunnel(cfg *config, stderr io.Writer, sig signals, runDir string) error {
+// closed, and takes everything down again. Its status is served under runDir. On
+// sig.reload, reparse reads the options again.
+func runTunnel(cfg *config, stderr io.Writer, sig signals, runDir string, reparse func() (*config, error)) error {
 	var logTo io.Writer = stderr
 	if cfg.syslog {
 		w, err := newSyslogWriter("", "")
@@ -273,6 +303,9 @@ func runTunnel(cfg *config, stderr io.Writer, sig signals, runDir string) error 
 		case <-sig.report:
 			l.logStatus()
 			continue
+		case <-sig.reload:
+			reload(l, log, reparse)
+			continue
 		case failure = <-l.failed:
 			log.Printf("%v: shutting down", failure)
 		}
@@ -285,6 +318,35 @@ func runTunnel(cfg *config, stderr io.Writer, sig signals, runDir string) error 
 	return failure
 }
 
+// reload reads the options again and applies what may change on the running link,
+// telling systemd (RELOADING=1, then READY=1). A file that fails its checks, or a change
+// that cannot be made live, changes nothing and is logged with the reason.
+func reload(l *linkLife, log *logger, reparse func() (*config, error)) {
+	var now unix.Timespec
+	_ = unix.ClockGettime(unix.CLOCK_MONOTONIC, &now)
+	notify(log, fmt.Sprintf("RELOADING=1\nMONOTONIC_USEC=%d", now.Nano()/1000))
+	defer notify(log, "READY=1")
+	started := time.Now()
+	next, err := reparse()
+	if err != nil {
+		log.Printf("reload: %v; nothing was changed", err)
+		var ue *usageError
+		if errors.As(err, &ue) && ue.hint != "" {
+			log.Printf("reload: hint: %s", ue.hint)
+		}
+		return
+	}
+	changed, err := l.reload(next)
+	switch {
+	case err != nil:
+		log.Printf("reload refused: %v", err)
+	case len(changed) == 0:
+		log.Printf("reloaded in %v: nothing changed", time.Since(started).Round(time.Microsecond))
+	default:
+		log.Printf("reloaded in %v: %s changed", time.Since(started).Round(time.Microsecond), strings.Join(changed, ", "))
+	}
+}
+
 // notify tells systemd a state, logging (not failing) when that does not work.
 func notify(log *logger, state string) {
 	if err := sdNotify(state); err != nil {
@@ -292,20 +354,28 @@ func notify(log *logger, state string) {
 	}
 }
 
-// runStatus is `ciped status [DEVICE] [--json]`: 0 if a link answered, 1 if none did.
-func runStatus(stdout, stderr io.Writer, dir, device string, asJSON bool) int {
+// runStatus is `ciped status [DEVICE] [--json|--metrics]`: the links found, and an exit
+// status that says whether they are up (see the status* constants).
+func runStatus(stdout, stderr io.Writer, dir, device string, asJSON, metrics bool) int {
+	if _, err := os.ReadDir(dir); errors.Is(err, os.ErrPermission) {
+		fmt.Fprintf(stderr, "ciped: error: %s is not readable: ciped status needs root\n", dir)
+		return statusNoAccess
+	}
 	reports, err := readStatus(dir, device)
 	if err != nil {
 		fmt.Fprintf(stderr, "ciped: error: %v\n", err)
-		return exitFailure
+		return statusNotRunning
 	}
-	if asJSON {
+	switch {
+	case metrics:
+		writeMetrics(stdout, reports)
+	case asJSON:
 		if reports == nil {
 			reports = []statusReport{}
 		}
 		b, _ := json.MarshalIndent(reports, "", "  ")
 		fmt.Fprintln(stdout, string(b))
-	} else {
+	default:
 		here := netnsID()
 		for i, r := range reports {
 			if i > 0 {
@@ -314,18 +384,14 @@ func runStatus(stdout, stderr io.Writer, dir, device string, asJSON bool) int {
 			formatStatus(stdout, r, here)
 		}
 	}
-	if len(reports) == 0 {
+	if len(reports) == 0 && !metrics {
 		what := "no ciped is running"
 		if device != "" {
 			what = fmt.Sprintf("no ciped is running on %q", device)
 		}
-		if _, err := os.Stat(dir); errors.Is(err, os.ErrPermission) {
-			what += " (or " + dir + " is not readable: ciped status needs root)"
-		}
 		fmt.Fprintf(stderr, "ciped: %s\n", what)
-		return exitFailure
 	}
-	return exitOK
+	return statusExit(reports)
 }
 
 // Compile-time check that the real socket is a carrier.

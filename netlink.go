@@ -127,3 +127,40 @@ func deleteAddress(index int, local, peer netip.Addr) error {
 	}
 	return nil
 }
+
+// deviceMTUTo is the MTU of the interface the kernel sends to dst through (the route's
+// device, never a path MTU the network reported); 0 if it cannot tell.
+func deviceMTUTo(dst netip.Addr) int {
+	fd, err := unix.Socket(unix.AF_NETLINK, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.NETLINK_ROUTE)
+	if err != nil {
+		return 0
+	}
+	defer unix.Close(fd)
+	family, bits := uint8(unix.AF_INET), uint8(32)
+	if dst.Is6() {
+		family, bits = unix.AF_INET6, 128
+	}
+	msg := unix.RtMsg{Family: family, Dst_len: bits}
+	body := rtattr(append([]byte(nil), (*[unix.SizeofRtMsg]byte)(unsafe.Pointer(&msg))[:]...), unix.RTA_DST, dst.AsSlice())
+	req := make([]byte, unix.SizeofNlMsghdr, unix.SizeofNlMsghdr+len(body))
+	req = append(req, body...)
+	*(*unix.NlMsghdr)(unsafe.Pointer(&req[0])) = unix.NlMsghdr{Len: uint32(len(req)), Type: unix.RTM_GETROUTE,
+		Flags: unix.NLM_F_REQUEST, Seq: 1}
+	if unix.Sendto(fd, req, 0, &unix.SockaddrNetlink{Family: unix.AF_NETLINK}) != nil {
+		return 0
+	}
+	buf := make([]byte, 4096)
+	n, _, err := unix.Recvfrom(fd, buf, 0)
+	if err != nil {
+		return 0
+	}
+	var routes []route
+	if _, err := parseRouteMessages(buf[:n], &routes); err != nil || len(routes) != 1 || len(routes[0].oifs) == 0 {
+		return 0
+	}
+	ifc, err := net.InterfaceByIndex(routes[0].oifs[0])
+	if err != nil {
+		return 0
+	}
+	return ifc.MTU
+}

@@ -109,6 +109,9 @@ func (p *ptpOption) UnmarshalText(b []byte) error {
 		if pr.Addr().Zone() != "" {
 			return fmt.Errorf("%q is not an IP address or prefix", b)
 		}
+		if pr.Bits() < unmapBits(pr.Addr()) {
+			return fmt.Errorf("%q: an IPv4-mapped prefix needs at least 96 bits", b)
+		}
 		p.prefix, p.addr = netip.PrefixFrom(pr.Addr().Unmap(), pr.Bits()-unmapBits(pr.Addr())), netip.Addr{}
 		return nil
 	}
@@ -183,6 +186,7 @@ type cli struct {
 	Opts runOptions `embed:""`
 
 	Run    struct{}  `cmd:"" default:"withargs" hidden:"" help:"Run the tunnel (the default)."`
+	Check  struct{}  `cmd:"" help:"Check the options as start-up would, creating nothing (exit 0, or 2 with the reason)."`
 	Genkey struct{}  `cmd:"" help:"Print a new random key line for an options file."`
 	Status statusCmd `cmd:"" help:"Show the running links (all, or the one of DEVICE)."`
 
@@ -194,13 +198,15 @@ type cli struct {
 
 // statusCmd is `ciped status [DEVICE] [--json]`.
 type statusCmd struct {
-	Device string `arg:"" optional:"" help:"Interface name (default: every link)."`
-	JSON   bool   `name:"json" help:"Print JSON."`
+	Device  string `arg:"" optional:"" help:"Interface name (default: every link)."`
+	JSON    bool   `name:"json" xor:"format" help:"Print JSON."`
+	Metrics bool   `name:"metrics" xor:"format" help:"Print every link's metrics in the Prometheus text format."`
 }
 
 // runOptions holds CIPE's options (and a few of ciped's own, after them).
 type runOptions struct {
 	Key     keyOption      `name:"key" placeholder:"HEX" help:"Link key, 32 hex digits; only in an options file."`
+	Oldkey  keyOption      `name:"oldkey" placeholder:"HEX" help:"The link key being replaced: accepted from the peer, never used to initiate; only in an options file."`
 	Nokey   bool           `name:"nokey" help:"No encryption at all: plain IP in UDP, for testing."`
 	Me      endpointOption `name:"me" placeholder:"ADDR:PORT" help:"Local carrier address (default: any address, a port the system picks)."`
 	Peer    endpointOption `name:"peer" placeholder:"ADDR:PORT" help:"Peer carrier address; 0.0.0.0:0 accepts whoever authenticates first."`
@@ -212,12 +218,12 @@ type runOptions struct {
 	Device  string         `name:"device" placeholder:"NAME" help:"Interface name (default: the first free cipcbN)."`
 	Debug   bool           `name:"debug" help:"Log every event in detail."`
 	Syslog  bool           `name:"syslog" help:"Log to syslog (facility daemon) instead of stderr."`
-	Tokxc   seconds        `name:"tokxc" default:"10" placeholder:"SECONDS" help:"Key exchange retry interval (default 10)."`
+	Tokxc   seconds        `name:"tokxc" default:"10" placeholder:"SECONDS" help:"Longest wait before an unanswered key exchange is tried again; the first after 1 s (default 10)."`
 	Tokey   seconds        `name:"tokey" default:"600" placeholder:"SECONDS" help:"Session key lifetime (default 600)."`
 	Tokxts  seconds        `name:"tokxts" default:"0" placeholder:"SECONDS" help:"Key exchange timestamp window; 0 is off (default 0)."`
 	Ping    seconds        `name:"ping" default:"0" placeholder:"SECONDS" help:"Keepalive interval; 0 is off (default 0)."`
 	Toping  seconds        `name:"toping" default:"0" placeholder:"SECONDS" help:"Link is down after this long without word from the peer; 0 is off (default 0)."`
-	Maxerr  number         `name:"maxerr" placeholder:"N" help:"Carrier errors tolerated between key exchanges; -1 is any number (default 8)."`
+	Maxerr  number         `name:"maxerr" placeholder:"N" help:"ICMP errors about datagrams to the peer tolerated while it does not answer probes; -1 is any number (default 8)."`
 	Ipup    string         `name:"ipup" placeholder:"PATH" help:"Script run when the link comes up (default ${default_ipup}, if it exists; none: no script)."`
 	Ipdown  string         `name:"ipdown" placeholder:"PATH" help:"Script run when the link goes down (default ${default_ipdown}, if it exists; none: no script)."`
 	Arg     string         `name:"arg" placeholder:"STRING" help:"Extra argument for the scripts (their $$6)."`
@@ -233,6 +239,7 @@ type runOptions struct {
 // config is a complete, checked set of options: what the tunnel runs with.
 type config struct {
 	key      *[linkKeySize]byte // nil with nokey
+	oldkey   *[linkKeySize]byte // the key being replaced: accepted, never used to initiate; nil: none
 	me       netip.AddrPort     // unspecified address and/or port 0: the system picks
 	peer     netip.AddrPort     // unspecified: learn from the first peer that authenticates
 	ipaddr   netip.Addr
@@ -330,7 +337,7 @@ func editDistance(a, b string) int {
 func rewriteArgs(args []string, names map[string]*kong.Flag) ([]string, map[string]string, error) {
 	out := make([]string, 0, len(args))
 	origins := map[string]string{}
-	commands := map[string]bool{"genkey": true, "run": true, "status": true}
+	commands := map[string]bool{"genkey": true, "run": true, "status": true, "check": true}
 	for i := 0; i < len(args); i++ {
 		arg := args[i]
 		switch {
@@ -354,9 +361,9 @@ func rewriteArgs(args []string, names map[string]*kong.Flag) ([]string, map[stri
 		}
 		word := strings.TrimPrefix(arg, "--")
 		name, value, hasValue := strings.Cut(word, "=")
-		if name == "key" {
-			return nil, nil, usagef("the key must not be given on the command line, where any user can read it (ps)").
-				withHint("put \"key HEX\" in an options file of mode 0600, e.g. %s", systemOptionsPath)
+		if name == "key" || name == "oldkey" {
+			return nil, nil, usagef("the %s must not be given on the command line, where any user can read it (ps)", name).
+				withHint("put \"%s HEX\" in an options file of mode 0600, e.g. %s", name, systemOptionsPath)
 		}
 		f, known := names[name]
 		if !known || strings.HasPrefix(arg, "-") && !strings.HasPrefix(arg, "--") {
@@ -471,6 +478,13 @@ func checkOptions(path string, opts []fileOption, names map[string]*kong.Flag) (
 		if err := checkValue(f, o.value); err != nil {
 			return nil, usagef("%s:%d: %s: %v", path, o.line, o.name, err)
 		}
+		if first, twice := src.values[o.name]; twice {
+			err := usagef("%s:%d: option %q is given a second time (first on line %d)", path, o.line, o.name, first.line)
+			if o.name == "key" {
+				err.withHint("to rotate the key, give the new one as key and the one being replaced as oldkey")
+			}
+			return nil, err
+		}
 		src.values[o.name] = o
 	}
 	return src, nil
@@ -505,6 +519,8 @@ func loadOptionsFile(path string, required bool, names map[string]*kong.Flag) (*
 		return nil, err
 	}
 	_, hasKey := src.values["key"]
+	_, hasOld := src.values["oldkey"]
+	hasKey = hasKey || hasOld
 	if err := checkOptionsFileMode(path, info, hasKey); err != nil {
 		return nil, err
 	}
@@ -530,7 +546,7 @@ func checkOptionsFileMode(path string, info os.FileInfo, hasKey bool) error {
 // the system file, then -o FILE, so that -o wins over the system file, and the command
 // line (which kong applies first) over both.
 func (c *cli) BeforeResolve(ctx *kong.Context) error {
-	if ctx.Command() != "run" {
+	if cmd := ctx.Command(); cmd != "run" && cmd != "check" {
 		return nil
 	}
 	names := optionNames(ctx.Model)
@@ -638,6 +654,19 @@ func (c *cli) config() (*config, error) {
 	case r.Key.set:
 		k := r.Key.k
 		cfg.key = &k
+	}
+	if r.Oldkey.set {
+		switch {
+		case !r.Key.set:
+			return nil, usagef("%s: an oldkey needs a key: the one it is being replaced with", c.origin("oldkey"))
+		case r.Oldkey.k == [linkKeySize]byte{}:
+			return nil, usagef("%s: the old key is all zeros, a placeholder", c.origin("oldkey"))
+		case r.Oldkey.k == r.Key.k:
+			return nil, usagef("%s: the old key is the key itself", c.origin("oldkey")).
+				withHint("once both ends have the new key, remove the oldkey line and reload")
+		}
+		k := r.Oldkey.k
+		cfg.oldkey = &k
 	}
 
 	if !r.Ipaddr.IsValid() {
@@ -884,6 +913,9 @@ func checkTrustedFile(path string, info os.FileInfo, what string) error {
 			withHint("chmod go-w %s", path)
 	}
 	real, err := filepath.EvalSymlinks(path)
+	if err == nil {
+		real, err = filepath.Abs(real)
+	}
 	if err != nil {
 		return usagef("%s %q: %v", what, path, err)
 	}
@@ -902,10 +934,34 @@ func checkTrustedFile(path string, info os.FileInfo, what string) error {
 			return usagef("%s %q: the directory %q is writable by group or others (mode %04o), who could replace it",
 				what, path, dir, mode).withHint("chmod go-w %s", dir)
 		}
-		if dir == "/" {
+		if dir == filepath.Dir(dir) { // the root
 			return nil
 		}
 	}
+}
+
+// describeConfig says in a line what a config sets up.
+func describeConfig(cfg *config) string {
+	ptp := "learned from the peer"
+	switch {
+	case cfg.ptpaddr.IsValid():
+		ptp = cfg.ptpaddr.String()
+	case cfg.ptpRange.IsValid():
+		ptp = "learned within " + cfg.ptpRange.String()
+	}
+	peer := cfg.peer.String()
+	if cfg.dynamicPeer() {
+		peer = "whoever authenticates first"
+	}
+	keys := "key"
+	switch {
+	case cfg.key == nil:
+		keys = "nokey (UNENCRYPTED)"
+	case cfg.oldkey != nil:
+		keys = "key and oldkey"
+	}
+	return fmt.Sprintf("device %s, tunnel %s peer %s, mtu %d, carrier %s to %s, %s", cfg.device, cfg.ipaddr, ptp,
+		cfg.mtu, cfg.me, peer, keys)
 }
 
 // checkDeviceName accepts what the kernel accepts as an interface name, plus one %d.

@@ -2,16 +2,19 @@ package main
 
 import (
 	"bytes"
+	"encoding/hex"
 	"errors"
 	"fmt"
-	"golang.org/x/sys/unix"
 	"net"
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 const testKey = "00112233445566778899aabbccddeeff"
@@ -255,6 +258,12 @@ func TestBadInput(t *testing.T) {
 			}
 			if strings.Contains(stderr, testKey) {
 				t.Errorf("the key appears in the output:\n%s", stderr)
+			}
+			// ciped check says the same, with the same status, and creates nothing.
+			code2, stdout2, stderr2 := runCLI(t, "", append([]string{"check"}, c.args...)...)
+			if code2 != code || stderr2 != stderr || stdout2 != "" {
+				t.Errorf("check: status %d, stdout %q, stderr\n%s\nwhere the start said (status %d)\n%s", code2, stdout2,
+					stderr2, code, stderr)
 			}
 		})
 	}
@@ -533,5 +542,50 @@ func TestHardenProcess(t *testing.T) {
 	hardenProcess()
 	if now, err := unix.PrctlRetInt(unix.PR_GET_DUMPABLE, 0, 0, 0, 0); err != nil || now != 0 {
 		t.Fatalf("dumpable is %d (%v) after hardenProcess, want 0", now, err)
+	}
+}
+
+// TestCheck: ciped check passes good options (status 0, one line saying what they set
+// up) and creates nothing; as TestBadInput shows, it refuses bad ones as start-up does.
+func TestCheck(t *testing.T) {
+	dir := t.TempDir()
+	key := writeFile(t, dir, "key", "key "+testKey+"\noldkey "+strings.Repeat("ab", 16)+"\n", 0o600)
+	code, stdout, stderr := runCLI(t, "", append([]string{"check", "-o", key, "device=cpchk%d"}, baseArgs...)...)
+	if code != exitOK || stderr != "" || !strings.Contains(stdout, "options are valid: device cpchk%d, tunnel 10.0.0.1 peer 10.0.0.2") ||
+		!strings.Contains(stdout, "key and oldkey") || strings.Contains(stdout, testKey) {
+		t.Fatalf("check: status %d\nstdout %q\nstderr %q", code, stdout, stderr)
+	}
+	if ifs, _ := net.Interfaces(); slices.ContainsFunc(ifs, func(i net.Interface) bool { return strings.HasPrefix(i.Name, "cpchk") }) {
+		t.Fatal("check created an interface")
+	}
+}
+
+// TestKeyOptions: oldkey goes with key, only in a file; a second key line is an error
+// that points to oldkey.
+func TestKeyOptions(t *testing.T) {
+	dir := t.TempDir()
+	other := strings.Repeat("ab", 16)
+	for _, c := range []struct{ file, want, hint string }{
+		{"key " + testKey + "\nkey " + other + "\n", `:2: option "key" is given a second time (first on line 1)`, "oldkey"},
+		{"oldkey " + other + "\nnokey\n", "an oldkey needs a key", ""},
+		{"key " + testKey + "\noldkey " + testKey + "\n", "the old key is the key itself", "remove the oldkey line"},
+		{"key " + testKey + "\noldkey " + strings.Repeat("0", 32) + "\n", "the old key is all zeros", ""},
+		{"mtu 1400\nmtu 1400\n", `:2: option "mtu" is given a second time`, ""},
+	} {
+		path := writeFile(t, dir, "k", c.file, 0o600)
+		_, err := parseConfig(t, "", append([]string{"-o", path}, baseArgs...)...)
+		var ue *usageError
+		if !errors.As(err, &ue) || !strings.Contains(err.Error(), c.want) || !strings.Contains(ue.hint, c.hint) {
+			t.Errorf("%q: %v (hint %+v), want %q", c.file, err, ue, c.want)
+		}
+	}
+	if _, err := parseConfig(t, "", append(baseArgs, "oldkey="+other)...); err == nil ||
+		!strings.Contains(err.Error(), "the oldkey must not be given on the command line") {
+		t.Errorf("oldkey on the command line: %v", err)
+	}
+	path := writeFile(t, dir, "ok", "key "+testKey+"\noldkey "+other+"\n", 0o600)
+	if cfg, err := parseConfig(t, "", append([]string{"-o", path}, baseArgs...)...); err != nil || cfg.oldkey == nil ||
+		hex.EncodeToString(cfg.oldkey[:]) != other {
+		t.Errorf("key and oldkey: %v", err)
 	}
 }

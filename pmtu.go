@@ -58,9 +58,20 @@ func newPathProber(max, header int, ipv6, trusting bool) *pathProber {
 	return &pathProber{header: header, floor: floor, max: max, current: max, trusting: trusting}
 }
 
-// start begins the life of a link that came up: confirm the current size at once.
-func (p *pathProber) start(now time.Time) {
+// start begins the life of a link that came up: confirm the current size at once. fresh
+// says the path is another than the one the size was found on (a new peer address): the
+// search starts from the largest size again.
+func (p *pathProber) start(now time.Time, fresh bool) {
+	p.abort()
+	if fresh {
+		p.current = p.max
+	}
 	p.search(now, p.current)
+}
+
+// abort ends a search without a result (the link went down).
+func (p *pathProber) abort() {
+	p.probing, p.acked, p.round, p.plateaus = nil, 0, 0, false
 }
 
 // hint takes a size the network reported (an IP packet size, from ICMP): it starts a

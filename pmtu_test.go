@@ -38,7 +38,7 @@ func TestPathProber(t *testing.T) {
 
 	t.Run("a path that takes everything confirms the size and keeps it", func(t *testing.T) {
 		p := newP()
-		p.start(t0)
+		p.start(t0, false)
 		if _, probes := proberRun(t, p, t0, 1500); p.current != largest || probes != 1 {
 			t.Fatalf("current %d after %d probes", p.current, probes)
 		}
@@ -78,7 +78,7 @@ func TestPathProber(t *testing.T) {
 	})
 	t.Run("a black hole is found without any report, down the plateaus", func(t *testing.T) {
 		p := newP()
-		p.start(t0)
+		p.start(t0, false)
 		proberRun(t, p, t0, 1380-header)
 		if p.current != 1380-header {
 			t.Fatalf("current %d, want the 1380 plateau's %d", p.current, 1380-header)
@@ -129,7 +129,7 @@ func TestPathProber(t *testing.T) {
 	})
 	t.Run("nokey cannot probe: it believes reports, within the floor", func(t *testing.T) {
 		p := newPathProber(1472, 28, false, true)
-		p.start(t0)
+		p.start(t0, false)
 		p.hint(t0, 1300, false)
 		if p.current != 1272 || len(p.tick(t0, true)) != 0 {
 			t.Fatalf("current %d", p.current)
@@ -137,7 +137,7 @@ func TestPathProber(t *testing.T) {
 	})
 	t.Run("the wait follows the round trip", func(t *testing.T) {
 		p := newP()
-		p.start(t0)
+		p.start(t0, false)
 		p.tick(t0, true)
 		p.ack(t0.Add(2*time.Millisecond), largest)
 		if w := p.wait(); w != probeWaitMin {
@@ -146,7 +146,7 @@ func TestPathProber(t *testing.T) {
 	})
 	t.Run("a busy link confirms its size now and then", func(t *testing.T) {
 		p := newP()
-		p.start(t0)
+		p.start(t0, false)
 		now, _ := proberRun(t, p, t0, 1500)
 		if p.tick(now, true) != nil || p.tick(now.Add(probeConfirm), false) != nil {
 			t.Fatal("probed before it was due, or on an idle link")

@@ -38,11 +38,16 @@ type routeTable struct {
 
 type routeFamilies struct{ v4, v6 []routeGroup }
 
-// routeGroup is the routes of one prefix length: masked address → whether the route goes
-// through the interface.
+// routeGroup is the routes of one prefix length: masked address → the route the kernel
+// would take for it (the lowest metric) and whether it goes through the interface.
 type routeGroup struct {
 	bits   int
-	routes map[[16]byte]bool
+	routes map[[16]byte]routeChoice
+}
+
+type routeChoice struct {
+	metric uint32
+	via    bool
 }
 
 // allows reports whether a reply to src would leave through the interface.
@@ -58,8 +63,8 @@ func (t *routeTable) allows(src netip.Addr) bool {
 			if err != nil {
 				continue
 			}
-			if via, ok := g.routes[p.Addr().As16()]; ok {
-				return via
+			if r, ok := g.routes[p.Addr().As16()]; ok {
+				return r.via
 			}
 		}
 	}
@@ -70,8 +75,9 @@ func (t *routeTable) allows(src netip.Addr) bool {
 type route struct {
 	table   int
 	dst     netip.Prefix
-	unicast bool  // a unicast route (not local, broadcast, blackhole, unreachable, ...)
-	oifs    []int // the interfaces its next hops leave through
+	metric  uint32 // the lowest wins among routes to one prefix
+	unicast bool   // a unicast route (not local, broadcast, blackhole, unreachable, ...)
+	oifs    []int  // the interfaces its next hops leave through
 }
 
 // buildRouteTable makes the table for the interface ifindex from the kernel's routes.
@@ -95,12 +101,18 @@ func buildRouteTable(routes []route, ifindex int) *routeTable {
 		}
 		i := slices.IndexFunc(*groups, func(g routeGroup) bool { return g.bits == r.dst.Bits() })
 		if i < 0 {
-			*groups = append(*groups, routeGroup{bits: r.dst.Bits(), routes: map[[16]byte]bool{}})
+			*groups = append(*groups, routeGroup{bits: r.dst.Bits(), routes: map[[16]byte]routeChoice{}})
 			i = len(*groups) - 1
 		}
 		key := r.dst.Masked().Addr().As16()
-		via := r.unicast && slices.Contains(r.oifs, ifindex)
-		(*groups)[i].routes[key] = (*groups)[i].routes[key] || via // multipath: any hop through us
+		via := r.unicast && slices.Contains(r.oifs, ifindex) // multipath: any hop through us
+		old, seen := (*groups)[i].routes[key]
+		switch {
+		case !seen || r.metric < old.metric: // the kernel takes the lowest metric
+			(*groups)[i].routes[key] = routeChoice{metric: r.metric, via: via}
+		case r.metric == old.metric:
+			(*groups)[i].routes[key] = routeChoice{metric: r.metric, via: old.via || via}
+		}
 	}
 	for i := range t.tables {
 		for _, g := range []*[]routeGroup{&t.tables[i].v4, &t.tables[i].v6} {
@@ -212,6 +224,10 @@ func parseRoute(b []byte) (route, bool) {
 		case unix.RTA_OIF:
 			if len(v) >= 4 {
 				r.oifs = append(r.oifs, int(binary.NativeEndian.Uint32(v)))
+			}
+		case unix.RTA_PRIORITY:
+			if len(v) >= 4 {
+				r.metric = binary.NativeEndian.Uint32(v)
 			}
 		case unix.RTA_MULTIPATH:
 			for nh := v; len(nh) >= unix.SizeofRtNexthop; {

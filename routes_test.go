@@ -25,6 +25,10 @@ func TestRouteTable(t *testing.T) {
 		{table: rtTableMain, dst: p("172.16.9.0/24"), unicast: false, oifs: []int{7}},   // unreachable
 		{table: rtTableDflt, dst: p("198.51.100.0/24"), unicast: true, oifs: []int{7}},  // default table
 		{table: 100, dst: p("203.0.113.0/24"), unicast: true, oifs: []int{7}},           // policy table: ignored
+		{table: rtTableMain, dst: p("100.64.0.0/10"), metric: 100, unicast: true, oifs: []int{3}},
+		{table: rtTableMain, dst: p("100.64.0.0/10"), metric: 1000, unicast: true, oifs: []int{7}}, // a backup
+		{table: rtTableMain, dst: p("100.96.0.0/11"), metric: 1000, unicast: true, oifs: []int{7}},
+		{table: rtTableMain, dst: p("100.96.0.0/11"), metric: 10, unicast: true, oifs: []int{3}},
 		{table: rtTableMain, dst: p("fd00::1/128"), unicast: true, oifs: []int{7}},
 		{table: rtTableMain, dst: p("fe80::/64"), unicast: true, oifs: []int{7}},
 		{table: rtTableMain, dst: p("::/0"), unicast: true, oifs: []int{3}},
@@ -39,6 +43,7 @@ func TestRouteTable(t *testing.T) {
 		{"172.20.1.1", true}, {"172.16.9.9", false},
 		{"198.51.100.7", false}, // main's default route matches first
 		{"203.0.113.5", false},
+		{"100.64.1.1", false}, {"100.100.1.1", false}, // a backup route through the tunnel is not the one taken
 		{"fd00::1", true}, {"fd00::2", false}, {"fe80::1234", true}, {"2001:db8:bad::1", false},
 	} {
 		if got := table.allows(netip.MustParseAddr(c.src)); got != c.ok {
@@ -46,7 +51,7 @@ func TestRouteTable(t *testing.T) {
 		}
 	}
 	// Without a default route in main, the default table decides.
-	noDefault := buildRouteTable(append(routes[:5:5], routes[8]), 7)
+	noDefault := buildRouteTable(append(routes[:5:5], routes[8]), 7) // the default table's 198.51.100.0/24
 	if !noDefault.allows(netip.MustParseAddr("198.51.100.7")) {
 		t.Error("the default table is not consulted after main")
 	}

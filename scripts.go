@@ -34,7 +34,6 @@ type scriptCall struct {
 	path string // "": no script
 	args [6]string
 	env  []string
-	undo string // for an ip-up: the ip-down that undoes it ("": none)
 }
 
 // scriptRunner runs the link's scripts. up and down never block; close waits, within a
@@ -73,9 +72,10 @@ func (r *scriptRunner) up(c scriptCall) {
 	r.signal()
 }
 
-// down asks for ip-down with the arguments of the ip-up that ran, with env added (the
-// reason). If that ip-up has not run yet, it never will, and there is nothing to undo.
-func (r *scriptRunner) down(env []string) {
+// down asks for ip-down (the script at path, "": none) with the arguments of the ip-up
+// that ran, with env added (the reason). If that ip-up has not run yet, it never will,
+// and there is nothing to undo.
+func (r *scriptRunner) down(env []string, path string) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if n := len(r.pending); n > 0 && r.pending[n-1].name == "ip-up" {
@@ -86,7 +86,7 @@ func (r *scriptRunner) down(env []string) {
 		return // nothing ran, or its ip-down is queued already
 	}
 	c := *r.upRan
-	c.name, c.path, c.undo = "ip-down", c.undo, ""
+	c.name, c.path = "ip-down", path
 	c.env = append(append([]string(nil), c.env...), env...)
 	r.pending = append(r.pending, c)
 	r.signal()
@@ -161,9 +161,10 @@ func (r *scriptRunner) routineRun() {
 	}
 }
 
-// run runs one script until it exits or ctx ends; then its whole process group is
-// killed. Its output is logged line by line. A child the script left running in the
-// background is not waited for (beyond scriptPipeWait for the output it shares).
+// run runs one script until it exits, or until ctx ends: then the script is killed with
+// its whole process group. Its output is logged line by line. A child the script left
+// running in the background after it exited is not waited for (beyond scriptPipeWait for
+// the output it shares), nor killed.
 func (r *scriptRunner) run(ctx context.Context, c scriptCall) {
 	if c.path == "" {
 		r.log.Debugf("%s: no script configured", c.name)

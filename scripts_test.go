@@ -42,12 +42,12 @@ func TestScriptLeavesAChild(t *testing.T) {
 	up := writeScript(t, dir, "ip-up", fmt.Sprintf("sleep 60 &\necho $! > %s/child\necho up >> %s/calls\n", dir, dir))
 	down := writeScript(t, dir, "ip-down", fmt.Sprintf("echo down >> %s/calls\n", dir))
 	r := newScriptRunner(newLogger(testLog{t: t, name: "scripts"}, "s", true))
-	r.up(scriptCall{name: "ip-up", path: up, undo: down})
+	r.up(scriptCall{name: "ip-up", path: up})
 	waitFor(t, "ip-up to run", 20*time.Second, func() bool {
 		_, err := os.Stat(filepath.Join(dir, "calls"))
 		return err == nil
 	})
-	r.down(nil)
+	r.down(nil, down)
 	returnsWithin(t, "close", scriptPipeWait+20*time.Second, r.close)
 	if got := readLines(t, filepath.Join(dir, "calls")); strings.Join(got, " ") != "up down" {
 		t.Fatalf("scripts ran: %q", got)
@@ -72,15 +72,15 @@ func TestScriptHangs(t *testing.T) {
 	down := writeScript(t, dir, "ip-down", fmt.Sprintf("echo down >> %s/calls\n", dir))
 	r := newScriptRunner(newLogger(testLog{t: t, name: "scripts"}, "s", true))
 	r.timeout, r.atStop = time.Second, 2*time.Second
-	r.up(scriptCall{name: "ip-up", path: hang, undo: down})
+	r.up(scriptCall{name: "ip-up", path: hang})
 	waitFor(t, "ip-up to run", 20*time.Second, func() bool {
 		_, err := os.Stat(filepath.Join(dir, "children"))
 		return err == nil
 	})
 	returnsWithin(t, "up and down while a script hangs", 5*time.Second, func() {
 		for range 50 {
-			r.down(nil)
-			r.up(scriptCall{name: "ip-up", path: hang, undo: down})
+			r.down(nil, down)
+			r.up(scriptCall{name: "ip-up", path: hang})
 		}
 	})
 	// The first ip-up is killed after a second; then its ip-down runs; then the last
@@ -116,9 +116,9 @@ func TestScriptsCollapse(t *testing.T) {
 		os.Remove(filepath.Join(dir, "calls"))
 		r := newScriptRunner(newLogger(io.Discard, "s", false))
 		for i := range 30 {
-			r.up(scriptCall{name: "ip-up", path: up, undo: down, args: [6]string{5: strconv.Itoa(i)}})
+			r.up(scriptCall{name: "ip-up", path: up, args: [6]string{5: strconv.Itoa(i)}})
 			if i < 29 || !endUp {
-				r.down([]string{"CIPED_REASON=flap" + strconv.Itoa(i)})
+				r.down([]string{"CIPED_REASON=flap" + strconv.Itoa(i)}, down)
 			}
 			time.Sleep(time.Duration(i%3) * 20 * time.Millisecond)
 		}

@@ -314,14 +314,15 @@ func (s *socksCarrier) translate(err error) error {
 	if err == nil || relay == nil || !peer.IsValid() {
 		return err
 	}
-	for _, e := range append([]error{err}, unwrapAll(err)...) {
+	forEachError(err, func(e error) {
 		ue, ok := e.(*unreachableError)
 		if !ok {
-			continue
+			return
 		}
 		for i := range ue.reports {
 			r := &ue.reports[i]
-			if r.dst != *relay {
+			// This host's own "too big" names no port (the socket is not connected).
+			if r.dst != *relay && !(r.kind == reportLocalTooBig && r.dst.Addr() == relay.Addr()) {
 				continue
 			}
 			r.dst = peer
@@ -332,16 +333,8 @@ func (s *socksCarrier) translate(err error) error {
 				r.quoted = 0
 			}
 		}
-	}
+	})
 	return err
-}
-
-// unwrapAll lists the errors joined in err (one level).
-func unwrapAll(err error) []error {
-	if j, ok := err.(interface{ Unwrap() []error }); ok {
-		return j.Unwrap()
-	}
-	return nil
 }
 
 func (s *socksCarrier) receiveBufferSize(datagram int) int { return s.udp.receiveBufferSize(datagram) }

@@ -12,6 +12,7 @@ import (
 	"os"
 	"path/filepath"
 	"sort"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -37,14 +38,24 @@ type statusReport struct {
 	PeerAddress   string         `json:"ptpaddr"`
 	MTU           int            `json:"mtu"`
 	Cipher        string         `json:"cipher"`
+	PathMTU       int            `json:"path_mtu"` // the largest carrier packet the path takes, as probed
 	LastExchange  time.Time      `json:"last_key_exchange,omitzero"`
+	LastReceived  time.Time      `json:"last_received,omitzero"` // the last authentic datagram from the peer
 	KeyExchanges  uint64         `json:"key_exchanges"`
+	Rates         rates          `json:"rates"`
 	Sent          trafficCounts  `json:"sent"`
 	Received      trafficCounts  `json:"received"`
 	Dropped       droppedCounts  `json:"dropped"`
 	Errors        errorCounts    `json:"errors"`
 	Time          time.Time      `json:"time"`
 	Options       statusSettings `json:"options"`
+}
+
+// rates are the bytes per second through the tunnel each way, over the last 10 seconds
+// or so.
+type rates struct {
+	Sent     float64 `json:"sent_bytes_per_second"`
+	Received float64 `json:"received_bytes_per_second"`
 }
 
 type trafficCounts struct {
@@ -235,15 +246,111 @@ func formatStatus(w io.Writer, r statusReport, here uint64) {
 	}
 	fmt.Fprintf(w, "%s (pid %d%s): link %s\n", r.Interface, r.PID, where, state)
 	fmt.Fprintf(w, "  peer %s, local %s; tunnel %s peer %s, mtu %d\n", peer, r.Local, r.TunnelAddress, ptp, r.MTU)
-	fmt.Fprintf(w, "  cipher %s; last key exchange %s; %d key exchanges\n", cipher, ago(r.LastExchange, r.Time), r.KeyExchanges)
-	fmt.Fprintf(w, "  sent %d packets (%s), received %d packets (%s)\n", r.Sent.Packets, humanBytes(r.Sent.Bytes),
-		r.Received.Packets, humanBytes(r.Received.Bytes))
+	fmt.Fprintf(w, "  cipher %s; last key exchange %s; %d key exchanges; last heard from the peer %s\n", cipher,
+		ago(r.LastExchange, r.Time), r.KeyExchanges, ago(r.LastReceived, r.Time))
+	fmt.Fprintf(w, "  sent %d packets (%s), received %d packets (%s); now %s/s out, %s/s in; path MTU %d\n",
+		r.Sent.Packets, humanBytes(r.Sent.Bytes), r.Received.Packets, humanBytes(r.Received.Bytes),
+		humanBytes(uint64(r.Rates.Sent)), humanBytes(uint64(r.Rates.Received)), r.PathMTU)
 	d := r.Dropped
 	fmt.Fprintf(w, "  dropped: %d failed authentication, %d replayed, %d malformed, %d for unknown session, "+
 		"%d without session, %d too big, %d with a source not routed here, %d key-exchange refused\n", d.Auth, d.Replay,
 		d.Malformed, d.UnknownSession, d.NoSession, d.TooBig, d.Source, d.KeyExchange)
 	fmt.Fprintf(w, "  errors: %d carrier, %d interface; %d ICMP reports about others ignored\n", r.Errors.Carrier,
 		r.Errors.Interface, r.Errors.ForeignICMP)
+}
+
+// Exit statuses of `ciped status` (LSB's for status actions where they fit).
+const (
+	statusUp         = 0 // every link shown is up
+	statusDown       = 1 // a link shown is down (its ciped runs)
+	statusNotRunning = 3 // no ciped runs (on that device)
+	statusNoAccess   = 4 // the caller may not ask (not root)
+)
+
+// statusExit is the exit status for the links found.
+func statusExit(reports []statusReport) int {
+	if len(reports) == 0 {
+		return statusNotRunning
+	}
+	for _, r := range reports {
+		if r.Link != "up" {
+			return statusDown
+		}
+	}
+	return statusUp
+}
+
+// writeMetrics writes the reports in the Prometheus text exposition format (version
+// 0.0.4, which OpenMetrics parsers take too): one family per quantity, a sample per link,
+// labelled by device, peer and network namespace.
+func writeMetrics(w io.Writer, reports []statusReport) {
+	type sample struct {
+		extra string // more labels, e.g. `,reason="auth"`
+		value float64
+	}
+	family := func(name, typ, help string, value func(r *statusReport) []sample) {
+		fmt.Fprintf(w, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, typ)
+		for i := range reports {
+			r := &reports[i]
+			labels := fmt.Sprintf(`device="%s",peer="%s",netns="%d"`, escapeLabel(r.Interface), escapeLabel(r.Peer), r.Netns)
+			for _, s := range value(r) {
+				fmt.Fprintf(w, "%s{%s%s} %s\n", name, labels, s.extra, strconv.FormatFloat(s.value, 'g', -1, 64))
+			}
+		}
+	}
+	one := func(v float64) []sample { return []sample{{value: v}} }
+	age := func(t, now time.Time) []sample {
+		if t.IsZero() {
+			return nil
+		}
+		return one(now.Sub(t).Seconds())
+	}
+	family("ciped_link_up", "gauge", "Whether the link is up (1) or down (0).", func(r *statusReport) []sample {
+		return one(map[bool]float64{true: 1}[r.Link == "up"])
+	})
+	family("ciped_link_info", "gauge", "Facts about the link, as labels; the value is 1.", func(r *statusReport) []sample {
+		return []sample{{extra: fmt.Sprintf(`,version="%s",cipher="%s",ipaddr="%s",ptpaddr="%s"`, escapeLabel(r.Version),
+			escapeLabel(r.Cipher), escapeLabel(r.TunnelAddress), escapeLabel(r.PeerAddress)), value: 1}}
+	})
+	family("ciped_sent_packets_total", "counter", "Inner packets sent through the tunnel.",
+		func(r *statusReport) []sample { return one(float64(r.Sent.Packets)) })
+	family("ciped_sent_bytes_total", "counter", "Inner bytes sent through the tunnel.",
+		func(r *statusReport) []sample { return one(float64(r.Sent.Bytes)) })
+	family("ciped_received_packets_total", "counter", "Inner packets received through the tunnel.",
+		func(r *statusReport) []sample { return one(float64(r.Received.Packets)) })
+	family("ciped_received_bytes_total", "counter", "Inner bytes received through the tunnel.",
+		func(r *statusReport) []sample { return one(float64(r.Received.Bytes)) })
+	family("ciped_dropped_packets_total", "counter", "Packets and messages dropped, by reason.", func(r *statusReport) []sample {
+		d := r.Dropped
+		var out []sample
+		for _, c := range []struct {
+			reason string
+			n      uint64
+		}{{"auth", d.Auth}, {"replay", d.Replay}, {"malformed", d.Malformed}, {"unknown_session", d.UnknownSession},
+			{"no_session", d.NoSession}, {"too_big", d.TooBig}, {"source", d.Source}, {"key_exchange", d.KeyExchange}} {
+			out = append(out, sample{extra: `,reason="` + c.reason + `"`, value: float64(c.n)})
+		}
+		return out
+	})
+	family("ciped_key_exchanges_total", "counter", "Completed key exchanges.",
+		func(r *statusReport) []sample { return one(float64(r.KeyExchanges)) })
+	family("ciped_carrier_errors_total", "counter", "Failed carrier sends and receives, and ICMP errors about datagrams to the peer.",
+		func(r *statusReport) []sample { return one(float64(r.Errors.Carrier)) })
+	family("ciped_foreign_icmp_total", "counter", "ICMP reports about datagrams not sent to the peer, ignored.",
+		func(r *statusReport) []sample { return one(float64(r.Errors.ForeignICMP)) })
+	family("ciped_interface_errors_total", "counter", "Failed reads and writes of the tunnel interface.",
+		func(r *statusReport) []sample { return one(float64(r.Errors.Interface)) })
+	family("ciped_last_received_seconds", "gauge", "Seconds since the last authentic datagram from the peer.",
+		func(r *statusReport) []sample { return age(r.LastReceived, r.Time) })
+	family("ciped_last_key_exchange_seconds", "gauge", "Seconds since the last completed key exchange.",
+		func(r *statusReport) []sample { return age(r.LastExchange, r.Time) })
+	family("ciped_path_mtu_bytes", "gauge", "The largest carrier packet the path to the peer takes, as probed.",
+		func(r *statusReport) []sample { return one(float64(r.PathMTU)) })
+}
+
+// escapeLabel escapes a label value of the text exposition format.
+func escapeLabel(s string) string {
+	return strings.NewReplacer(`\`, `\\`, "\n", `\n`, `"`, `\"`).Replace(s)
 }
 
 // sdNotify sends a state to systemd's notify socket ($NOTIFY_SOCKET), if there is one:

@@ -8,10 +8,14 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/prometheus/common/expfmt"
+	"github.com/prometheus/common/model"
 )
 
 // cipedStatus runs `ciped status ARGS` as a user would.
@@ -87,7 +91,7 @@ func TestE2EStatus(t *testing.T) {
 		!strings.Contains(out, "network namespace") {
 		t.Errorf("ciped status (exit %d):\n%s", code, out)
 	}
-	if out, code := cipedStatus(t, "nosuchdev"); code != 1 || !strings.Contains(out, `no ciped is running on "nosuchdev"`) {
+	if out, code := cipedStatus(t, "nosuchdev"); code != statusNotRunning || !strings.Contains(out, `no ciped is running on "nosuchdev"`) {
 		t.Errorf("status of a device that has no link: exit %d, %q", code, out)
 	}
 
@@ -171,6 +175,14 @@ func TestE2ENotify(t *testing.T) {
 	startDaemon(t, "ciped B", ns.b, "-o", keyFile(t, dir, "k2", testKey), "me=198.18.0.2:6000",
 		"peer=198.18.0.1:6000", "ipaddr="+e2eTunnelB, "ptpaddr="+e2eTunnelA)
 	next("STATUS=link up, peer 198.18.0.2:6000")
+	// A reload: RELOADING=1 with the monotonic clock, as the protocol asks, then READY=1.
+	if err := a.cmd.Process.Signal(syscall.SIGHUP); err != nil {
+		t.Fatal(err)
+	}
+	if m := next("RELOADING=1"); !regexp.MustCompile(`\nMONOTONIC_USEC=\d+$`).MatchString(m) {
+		t.Fatalf("reloading message %q", m)
+	}
+	next("READY=1")
 	a.terminate(t)
 	next("STOPPING=1")
 }
@@ -198,5 +210,93 @@ func TestNotifyMessage(t *testing.T) {
 	t.Setenv("NOTIFY_SOCKET", "")
 	if err := sdNotify("READY=1"); err != nil {
 		t.Fatalf("without NOTIFY_SOCKET: %v", err)
+	}
+}
+
+// TestE2EStatusHealth: `ciped status DEVICE` exits 0 while the link is up, 1 when it is
+// down, 3 when no ciped runs on it, 4 for a caller who may not ask; the report tells how
+// long ago the peer was heard from and the last exchange was, the rates each way and the
+// path MTU; --metrics is the Prometheus text format a real parser reads, with every link.
+func TestE2EStatusHealth(t *testing.T) {
+	requireRoot(t)
+	l := &e2eLink{devA: "cphlt0", devB: "cphlt1"}
+	l.start(t, false)
+	l.waitUp(t)
+	transfer(t, l.ns.a, l.ns.b, e2eTunnelB, 4<<20, nil, 0)
+	out, code := cipedStatus(t, "cphlt0", "--json")
+	var reports []statusReport
+	if err := json.Unmarshal([]byte(out), &reports); code != statusUp || err != nil || len(reports) != 1 {
+		t.Fatalf("status of an up link: exit %d, %v\n%s", code, err, out)
+	}
+	r := reports[0]
+	if r.LastReceived.IsZero() || r.Time.Sub(r.LastReceived) > 10*time.Second || r.LastExchange.IsZero() ||
+		r.Rates.Sent <= 0 || r.PathMTU != 1500 || r.Cipher == "" {
+		t.Fatalf("status of an up link: %+v", r)
+	}
+	if text, _ := cipedStatus(t, "cphlt0"); !strings.Contains(text, "last heard from the peer") || !strings.Contains(text, "/s out") {
+		t.Fatalf("status text:\n%s", text)
+	}
+
+	// Metrics, read by Prometheus's own parser.
+	out, code = cipedStatus(t, "--metrics")
+	parser := expfmt.NewTextParser(model.UTF8Validation)
+	families, err := parser.TextToMetricFamilies(strings.NewReader(out))
+	if code != statusUp || err != nil {
+		t.Fatalf("--metrics: exit %d, %v\n%s", code, err, out)
+	}
+	for _, name := range []string{"ciped_link_up", "ciped_sent_bytes_total", "ciped_received_packets_total",
+		"ciped_dropped_packets_total", "ciped_key_exchanges_total", "ciped_carrier_errors_total",
+		"ciped_last_received_seconds", "ciped_last_key_exchange_seconds", "ciped_path_mtu_bytes"} {
+		if families[name] == nil {
+			t.Errorf("no %s in:\n%s", name, out)
+		}
+	}
+	devices := map[string]float64{}
+	for _, m := range families["ciped_link_up"].GetMetric() {
+		for _, lp := range m.GetLabel() {
+			if lp.GetName() == "device" {
+				devices[lp.GetValue()] = m.GetGauge().GetValue()
+			}
+		}
+	}
+	if devices["cphlt0"] != 1 || devices["cphlt1"] != 1 {
+		t.Fatalf("ciped_link_up by device: %v", devices)
+	}
+	if reasons := len(families["ciped_dropped_packets_total"].GetMetric()); reasons != 2*8 {
+		t.Fatalf("%d dropped-packet series for two links", reasons)
+	}
+
+	// The peer goes away: the link is down, and says so.
+	l.b.terminate(t)
+	l.a.waitLog(t, "link down", linkBound)
+	out, code = cipedStatus(t, "cphlt0", "--json")
+	reports = nil
+	json.Unmarshal([]byte(out), &reports)
+	if code != statusDown || len(reports) != 1 || reports[0].Link != "down" || reports[0].Cipher != "" {
+		t.Fatalf("status of a down link: exit %d\n%s", code, out)
+	}
+	// A caller who is not root is told so (with a copy of ciped it may run).
+	open, err := os.MkdirTemp("", "ciped-nobody-") // not under t.TempDir(), whose parent is root's alone
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer os.RemoveAll(open)
+	os.Chmod(open, 0o755)
+	bin, err := os.ReadFile(cipedBinary(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(open, "ciped"), bin, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(filepath.Join(open, "ciped"), "status", "cphlt0")
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 65534, Gid: 65534}}
+	text, err := cmd.CombinedOutput()
+	if ee, ok := err.(*exec.ExitError); !ok || ee.ExitCode() != statusNoAccess || !strings.Contains(string(text), "needs root") {
+		t.Fatalf("status as nobody: %v\n%s", err, text)
+	}
+	l.a.terminate(t)
+	if out, code := cipedStatus(t, "cphlt0"); code != statusNotRunning {
+		t.Fatalf("status with no ciped: exit %d\n%s", code, out)
 	}
 }

@@ -113,6 +113,7 @@ type stats struct {
 	carrierForeign        atomic.Uint64 // ICMP errors about datagrams we did not send to the peer (ignored)
 	tunErrors             atomic.Uint64 // failed TUN reads and writes
 	exchanges             atomic.Uint64 // completed key exchanges
+	droppedEvents         atomic.Uint64 // events the control loop's queue had no room for
 }
 
 // summary is the one-line account of the counters logged at exit.
@@ -162,7 +163,8 @@ type tunnelEvent struct {
 // readers):
 //
 //	field           written by                                  read by
-//	cfg, log, conn  newLink, before the loops start (fixed)     all
+//	cfg, log, conn  newLink, before the loops start (fixed; the  all
+//	                settings a reload changes are the link's own)
 //	keyed, ifname   newLink (fixed)                             all
 //	keys            control loop (rotate, setNext, expire,      all (atomic loads, per batch)
 //	                clear); inbound loop (confirm, under its mutex)
@@ -174,14 +176,19 @@ type tunnelEvent struct {
 //	lastSent        outbound loop; control loop (keepalives)    control loop (ping)
 //	lastReceived    inbound loop; control loop (new session)    control loop (toping)
 //	lastInbound     inbound loop                                outbound loop (answer watch)
-//	carrierErrors   any loop (noteCarrierError); control loop   control loop (maxerr)
-//	                resets it at each completed exchange
-//	unreachable     any loop (noteCarrierError); control loop   control loop (initiate)
-//	                clears it at each initiation
+//	carrierErrors   any loop (noteCarrierError), ever growing   control loop (maxerr)
 //	stats           every loop (atomic adds, once per batch)    status, the exit summary
 //	exchanges       inbound loop (queueExchange, never waits)   control loop
 //	events          data loops (event, never waits)             control loop
+//	carrierNews,    set by the loop that raises the event (one  cleared by the control loop
+//	unknownPending  waiting at a time)
+//	pathHint,       any loop (noteCarrierError)                 control loop (path MTU search)
+//	localMTU
+//	pathMax         control loop (path MTU search)              outbound loop (per batch)
+//	pendingIndex    control loop (initiate)                     any loop (judging ICMP reports)
+//	sources         control loop's route watcher                inbound loop (per batch)
 //	limits          all (each rate limit is safe for concurrent use)
+//	lifetime        control loop (at start, and a reload)       all (atomic load, per batch)
 //	failed          outbound loop (the interface vanished)      main
 //	stop            link.close                                  all
 //
@@ -198,18 +205,19 @@ type linkCore struct {
 	peerTunnelAddr atomic.Pointer[netip.Addr]     // ptpaddr, configured or learned; nil until known
 	up             atomic.Bool                    // the link state, for readers outside the control loop
 
-	epoch         time.Time
-	lastSent      atomic.Int64               // the last datagram sent to the peer
-	lastReceived  atomic.Int64               // the last authentic datagram from the peer
-	lastInbound   atomic.Int64               // the last batch that had packets for the interface (any link)
-	carrierErrors atomic.Int64               // carrier errors that concern the peer, ever (maxerr counts the new ones)
-	unreachable   atomic.Bool                // the carrier reported an ICMP error since the last initiation
-	carrierNews   atomic.Bool                // an eventCarrierNews is on its way to the control loop
-	pathHint      atomic.Int32               // the smallest "too big" size the network reported lately; 0: none
-	localMTU      atomic.Int32               // this host's own "too big" size (the interface's MTU); 0: none
-	pathMax       atomic.Int32               // the largest message (UDP payload) the path takes, as probed; 0: no limit
-	sources       atomic.Pointer[routeTable] // the inner sources the peer may use (rpfilter); nil: any
-	pendingIndex  atomic.Uint32              // our pending initiation's index (0: none), for judging reports
+	epoch          time.Time
+	lastSent       atomic.Int64               // the last datagram sent to the peer
+	lastReceived   atomic.Int64               // the last authentic datagram from the peer
+	lastInbound    atomic.Int64               // the last batch that had packets for the interface (any link)
+	carrierErrors  atomic.Int64               // carrier errors that concern the peer, ever (maxerr counts the new ones)
+	carrierNews    atomic.Bool                // an eventCarrierNews is on its way to the control loop
+	unknownPending atomic.Bool                // an eventUnknownSession is on its way to the control loop
+	pathHint       atomic.Int32               // the smallest "too big" size the network reported lately; 0: none
+	localMTU       atomic.Int32               // this host's own "too big" size (the interface's MTU); 0: none
+	pathMax        atomic.Int32               // the largest message (UDP payload) the path takes, as probed; 0: no limit
+	lifetime       atomic.Int64               // how long a session may be used (PROTOCOL.md §5), in nanoseconds
+	sources        atomic.Pointer[routeTable] // the inner sources the peer may use (rpfilter); nil: any
+	pendingIndex   atomic.Uint32              // our pending initiation's index (0: none), for judging reports
 
 	exchanges chan exchangeMsg
 	events    chan tunnelEvent
@@ -238,12 +246,13 @@ func newLinkCore(cfg *config, log *logger, conn carrier, ifname string) *linkCor
 		c.peerTunnelAddr.Store(&p)
 	}
 	c.lastInbound.Store(-int64(answerQuiet)) // quiet from the start
+	c.lifetime.Store(int64(sessionLifetime(cfg.tokey, cfg.tokxc)))
 	return c
 }
 
 // usable reports whether s may still send or receive at now (PROTOCOL.md §5).
 func (c *linkCore) usable(s *session, now time.Time) bool {
-	return s.usable(now, sessionLifetime(c.cfg.tokey, c.cfg.tokxc))
+	return s.usable(now, time.Duration(c.lifetime.Load()))
 }
 
 // since returns the monotonic time of now relative to the link's epoch, as stored in
@@ -268,16 +277,18 @@ func (c *linkCore) stopping() bool {
 // ask the peer, authenticated, whether it is there (maxerr). "Too big" reports are hints
 // to the path MTU search, nothing more. "No buffer space" is congestion on this host.
 func (c *linkCore) noteCarrierError(err error) {
-	if joined, ok := err.(interface{ Unwrap() []error }); ok {
-		for _, e := range joined.Unwrap() {
-			c.noteCarrierError(e)
-		}
-		return
-	}
+	forEachError(err, c.noteOneError)
+}
+
+func (c *linkCore) noteOneError(err error) {
 	var ue *unreachableError
-	if errors.As(err, &ue) {
+	var gf *gsoFallbackError
+	switch {
+	case errors.As(err, &ue):
 		c.noteReports(ue)
 		return
+	case errors.As(err, &gf):
+		return // logged where it happened; the datagrams went out one by one
 	}
 	to := "the peer"
 	if p := c.peer.Load(); p != nil {
@@ -285,9 +296,6 @@ func (c *linkCore) noteCarrierError(err error) {
 	}
 	c.stats.carrierErrors.Add(1)
 	switch {
-	case errors.Is(err, syscall.EMSGSIZE):
-		c.log.Debugf("carrier: sending to %s: %v (larger than the interface takes)", to, err)
-		return
 	case errors.Is(err, syscall.ENOBUFS):
 		c.log.limitedf(&c.limits.congestion, "carrier: sending to %s: %v (congestion on this host; dropped)", to, err)
 		return
@@ -335,7 +343,6 @@ func (c *linkCore) noteReports(ue *unreachableError) {
 		return
 	}
 	c.carrierErrors.Add(int64(mine))
-	c.unreachable.Store(true)
 	c.wakeControl()
 	times := "once"
 	if mine > 1 {
@@ -380,6 +387,7 @@ func (c *linkCore) quotesOurs(r *carrierReport) bool {
 // the control loop's path MTU search, which decides. Only the smallest since the last
 // look is kept.
 func (c *linkCore) notePathHint(mtu int, local bool) {
+	mtu = max(mtu, 68) // an old router's 0 means "smaller", not "none"
 	if local {
 		c.localMTU.Store(int32(mtu))
 	} else {
@@ -401,12 +409,15 @@ func (c *linkCore) wakeControl() {
 	}
 }
 
-// event hands an event to the control loop without blocking; if the queue is full the
-// event is dropped, and the condition that caused it will raise it again.
+// event hands an event to the control loop without blocking. If the queue is full the
+// event is dropped (and counted): the queue holds 64, and only authenticated messages
+// (or one unknown-session event at a time) raise events, so that takes a peer flooding
+// its own link.
 func (c *linkCore) event(ev tunnelEvent) {
 	select {
 	case c.events <- ev:
 	default:
+		c.stats.droppedEvents.Add(1)
 	}
 }
 
@@ -1071,9 +1082,10 @@ func (in *inbound) sort(msg []byte, from netip.AddrPort) {
 			return
 		}
 	}
-	if in.unknown == 0 && in.held == [3]*session{} {
+	if in.held == [3]*session{} && t.unknownPending.CompareAndSwap(false, true) {
 		// We hold no session at all, yet the sender has one with us: we lost ours (a
-		// restart). The control loop may tell it so (PROTOCOL.md §4.5).
+		// restart). The control loop may tell it so (PROTOCOL.md §4.5). One such event
+		// at a time: anyone can send these datagrams, and the queue is for real news.
 		t.event(tunnelEvent{kind: eventUnknownSession, from: from, index: h.receiver, counter: h.counter})
 	}
 	in.unknown++
@@ -1211,7 +1223,7 @@ func (c *linkCore) logMalformed(msg []byte, from netip.AddrPort) {
 		c.log.limitedf(&c.limits.plaintext, "dropped an unencrypted packet from %s (is the peer running with nokey?)", from)
 		return
 	}
-	if c.log.debug {
+	if c.log.debug.Load() {
 		c.log.limitedf(&c.limits.malformed, "dropped a malformed datagram of %d bytes from %s", len(msg), from)
 	}
 }

@@ -54,20 +54,6 @@ type carrierMsg struct {
 	frag    bool           // send: may be fragmented on the way (one datagram, no GSO)
 }
 
-// datagrams calls fn for each datagram of a received message.
-func (m *carrierMsg) datagrams(fn func(d []byte)) {
-	b := m.buf[:m.n]
-	if m.segSize <= 0 {
-		fn(b)
-		return
-	}
-	for len(b) > 0 {
-		n := min(m.segSize, len(b))
-		fn(b[:n:n])
-		b = b[n:]
-	}
-}
-
 // carrier is the packet socket the tunnel talks through. ReadBatch is called by one
 // goroutine at a time; WriteBatch may be called concurrently with itself and ReadBatch.
 type carrier interface {
@@ -121,6 +107,20 @@ type unreachableError struct {
 
 func (e *unreachableError) Error() string {
 	return fmt.Sprintf("%d datagrams reported undeliverable (last: %v)", e.count, e.err)
+}
+
+// forEachError calls fn for each error joined in err (errors.Join), however deeply, and
+// for err itself if it joins none.
+func forEachError(err error, fn func(error)) {
+	if joined, ok := err.(interface{ Unwrap() []error }); ok {
+		for _, e := range joined.Unwrap() {
+			forEachError(e, fn)
+		}
+		return
+	}
+	if err != nil {
+		fn(err)
+	}
 }
 
 // gsoFallbackError reports that the kernel refused a GSO send: GSO is off from now on and
@@ -600,10 +600,20 @@ func (c *udpCarrier) writeBatch(msgs []carrierMsg, to netip.AddrPort, prefix []b
 		switch {
 		case c.gso.Load() && m.segSize > 0 && len(m.buf) > m.segSize &&
 			(errno == unix.EIO || errno == unix.EMSGSIZE || errno == unix.EINVAL):
-			if ue := c.drainErrors(errno); ue.tooBigLocally(m.segSize + c.headerSize()) {
+			ue := c.drainErrors(errno)
+			size := m.segSize + c.headerSize()
+			if mtu := deviceMTUTo(to.Addr()); !ue.tooBigLocally(size) && mtu > 0 && mtu < size {
+				// The kernel refuses GSO segments larger than the interface (EINVAL) and
+				// reports nothing: say so as it would for a single datagram.
+				ue.count++
+				ue.reports = append(ue.reports, carrierReport{kind: reportLocalTooBig, dst: to, mtu: mtu})
+			}
+			if ue.count > 0 {
+				errs = errors.Join(errs, ue)
+			}
+			if ue.tooBigLocally(size) {
 				// The datagrams are larger than the interface takes: not a GSO failure.
 				// The link hears of it from the report; these datagrams are lost.
-				errs = errors.Join(errs, ue)
 				next = failed + 1
 				continue
 			}
@@ -617,10 +627,16 @@ func (c *udpCarrier) writeBatch(msgs []carrierMsg, to netip.AddrPort, prefix []b
 			// first system call after it: this datagram did not go out, through no fault
 			// of its own, so it goes again, once.
 			ue := c.drainErrors(errno)
-			errs = errors.Join(errs, ue)
 			next = failed + 1
-			if ue.count > 0 && retried != failed {
+			switch {
+			case ue.count == 0:
+				// Nothing reported: this send's own failure (no route to the peer, say).
+				errs = errors.Join(errs, os.NewSyscallError("sendmmsg", errno))
+			case retried != failed:
+				errs = errors.Join(errs, ue)
 				retried, next = failed, failed
+			default:
+				errs = errors.Join(errs, ue)
 			}
 		default:
 			errs = errors.Join(errs, err)
