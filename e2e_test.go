@@ -698,3 +698,68 @@ func TestE2EPathMTU(t *testing.T) {
 		t.Fatalf("TCP over the small path: sent %x, received %x", sent, got)
 	}
 }
+
+// TestE2EDeviceChecks: an interface of the name asked for that exists already is named
+// for what it is, before anything is touched: a persistent TUN device (ciped would have
+// taken it over and left it configured), another kind (a veth), one another ciped holds.
+func TestE2EDeviceChecks(t *testing.T) {
+	requireRoot(t)
+	l := &e2eLink{}
+	l.start(t, false)
+	l.waitUp(t)
+	mustRun(t, "ip", "-n", l.ns.a, "tuntap", "add", "dev", "ptun0", "mode", "tun")
+	key := keyFile(t, t.TempDir(), "k", testKey)
+	for _, c := range []struct{ device, want string }{
+		{"ptun0", `device "ptun0" exists as a persistent TUN device (made by ip tuntap add); ciped makes its own`},
+		{"ve0", `device "ve0" exists and is not a TUN device (it is veth)`},
+		{"cipcb0", `device "cipcb0" is in use by another process (another ciped? see: ciped status cipcb0)`},
+	} {
+		for _, cmd := range []string{"run", "check"} {
+			out, err := exec.Command("ip", "netns", "exec", l.ns.a, cipedBinary(t), cmd, "-o", key, "peer=198.18.0.2:7000",
+				"ipaddr=10.98.0.1", "device="+c.device).CombinedOutput()
+			ee, ok := err.(*exec.ExitError)
+			if !ok || ee.ExitCode() != exitUsage || !strings.Contains(string(out), c.want) {
+				t.Errorf("%s device=%s: %v\n%s", cmd, c.device, err, out)
+			}
+		}
+	}
+	if addrs := mustRun(t, "ip", "-n", l.ns.a, "addr", "show", "dev", "ptun0"); strings.Contains(addrs, "10.98.0.1") {
+		t.Errorf("the persistent device was configured:\n%s", addrs)
+	}
+}
+
+// TestE2EStartupQuiet: a link whose peer starts a second later comes up without a word
+// of error: no failed send in the log, no carrier error, no packet counted as dropped
+// for want of a session, no refused key exchange. (Each used to show at nearly every
+// start.)
+func TestE2EStartupQuiet(t *testing.T) {
+	requireRoot(t)
+	dir := t.TempDir()
+	ns := newNetnsPair(t, false)
+	a := startDaemon(t, "ciped A", ns.a, "-o", keyFile(t, dir, "a", testKey), "me=198.18.0.1:6000",
+		"peer=198.18.0.2:6000", "ipaddr="+e2eTunnelA, "ptpaddr="+e2eTunnelB, "device=cipcb0")
+	time.Sleep(time.Second)
+	b := startDaemon(t, "ciped B", ns.b, "-o", keyFile(t, dir, "b", testKey), "me=198.18.0.2:6000",
+		"peer=198.18.0.1:6000", "ipaddr="+e2eTunnelB, "ptpaddr="+e2eTunnelA, "device=cipcb0")
+	a.waitLog(t, "link up", linkBound)
+	b.waitLog(t, "link up", linkBound)
+	if got := ping(t, ns.a, e2eTunnelB, 3, "0.2"); got != 3 {
+		t.Fatalf("ping: %d of 3", got)
+	}
+	for _, d := range []*daemon{a, b} {
+		if st := d.terminate(t); st != 0 {
+			t.Fatalf("%s: exit %d", d.name, st)
+		}
+		log := d.log.String()
+		for _, what := range []string{"without session", "key-exchange refused", "carrier errors"} {
+			if n := finalCount(t, d, what); n != 0 {
+				t.Errorf("%s counted %d %s at start:\n%s", d.name, n, what, log)
+			}
+		}
+		for _, line := range strings.Split(log, "\n") {
+			if !strings.Contains(line, "stopped: ") && (strings.Contains(line, "failed") || strings.Contains(line, "refused")) {
+				t.Errorf("%s logged a failure at start: %s", d.name, line)
+			}
+		}
+	}
+}

@@ -7,11 +7,14 @@
 # Installs:
 #   $PREFIX/sbin/ciped                          the program
 #   /etc/cipe/ip-up, /etc/cipe/ip-down          the link scripts   (an existing one is kept)
+#   /etc/cipe/ip-up.routes, ip-up.firewall, ... the samples' scripts, where the sample
+#                                               options files name them (likewise kept)
 #   /etc/cipe/samples/                          options files and scripts to copy from
 #                                               (an existing file is kept)
 #   $PREFIX/lib/systemd/system/ciped@.service   the template unit: ciped@NAME reads
 #                                               /etc/cipe/options.NAME
 #   $PREFIX/share/man/man8/ciped.8              the manual
+#   $PREFIX/share/doc/ciped/PROTOCOL.md         the wire protocol (the manual points to it)
 # It never creates or changes an options file in /etc/cipe: those hold the keys.
 # `go install .` in this directory installs the program alone (into $GOBIN).
 set -eu
@@ -47,6 +50,10 @@ put 0755 "$work/ciped" "$PREFIX/sbin/ciped"
 install -d -m 0755 "$DESTDIR/etc/cipe"
 keep 0755 ip-up /etc/cipe/ip-up
 keep 0755 ip-down /etc/cipe/ip-down
+# The samples' scripts where the sample options files name them.
+for f in samples/ip-up.* samples/ip-down.*; do
+	keep 0755 "$f" "/etc/cipe/${f#samples/}"
+done
 install -d -m 0755 "$DESTDIR/etc/cipe/samples"
 for f in samples/*; do
 	case "$f" in
@@ -65,6 +72,7 @@ done
 sed "s|/usr/local/sbin/ciped|$PREFIX/sbin/ciped|" ciped@.service > "$work/ciped@.service"
 put 0644 "$work/ciped@.service" "$PREFIX/lib/systemd/system/ciped@.service"
 put 0644 ciped.8 "$PREFIX/share/man/man8/ciped.8"
+put 0644 PROTOCOL.md "$PREFIX/share/doc/ciped/PROTOCOL.md"
 
 if [ -z "$DESTDIR" ] && [ -d /run/systemd/system ]; then
 	systemctl daemon-reload

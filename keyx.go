@@ -272,6 +272,8 @@ var (
 	errStale          = errors.New("initiation is not newer than the last one accepted (replay?)")
 	errSkew           = errors.New("initiation timestamp is outside the tokxts window")
 	errNotWaiting     = errors.New("response to no initiation we are waiting on (replay?)")
+	errAbandoned      = errors.New("response to our initiation that lost a collision")
+	errDuplicate      = errors.New("the peer's initiation again, as it resends it in a collision it wins")
 	errReflected      = errors.New("peer claims our own tunnel address (reflected message?)")
 	errNoCommonCipher = errors.New("no cipher in common with the peer")
 	errCollisionWon   = errors.New("our own initiation wins the collision")
@@ -296,6 +298,9 @@ type keyExchange struct {
 	cfg          exchangeConfig
 	wallClock    func() time.Time // for timestamps; monotonic time is passed in
 	pending      *pendingInitiation
+	abandoned    uint32                  // the index of our last initiation abandoned in a collision
+	collided     [12]byte                // the sender index and timestamp of the last initiation that lost a collision to ours
+	lostTo       [12]byte                // ... of the last initiation that won a collision against ours (answered)
 	lastSentTime uint64                  // greatest timestamp we sent
 	lastPeerTime uint64                  // greatest initiation timestamp we accepted
 	indexInUse   func(index uint32) bool // reports indices of live sessions; may be nil
@@ -423,6 +428,12 @@ func (kx *keyExchange) consumeInitiationWith(msg []byte, now time.Time, ephemera
 	}
 	ts := binary.BigEndian.Uint64(msg[initiationOffTime:])
 	if ts <= kx.lastPeerTime {
+		// A copy of an initiation that met ours: the peer resends its initiation when it
+		// wins a collision, whether we saw the first (and lost: we answered it) or not (and
+		// won). Not a replay to report, but refused all the same.
+		if h := [12]byte(msg[initiationOffSender:initiationHeaderSize]); h == kx.collided || h == kx.lostTo {
+			return nil, nil, errDuplicate
+		}
 		return nil, nil, errStale
 	}
 	if kx.cfg.tokxts > 0 {
@@ -454,6 +465,7 @@ func (kx *keyExchange) consumeInitiationWith(msg []byte, now time.Time, ephemera
 	// ours cannot win, whatever the rule says.
 	if kx.pending != nil && !old && bytes.Compare(kx.pending.hs.ephemeral.PublicKey().Bytes(), hs.remoteE.Bytes()) > 0 {
 		kx.lastPeerTime = ts // a copy of it (a replay) is stale from now on: it earns nothing more
+		kx.collided = [12]byte(msg[initiationOffSender:initiationHeaderSize])
 		return nil, nil, errCollisionWon
 	}
 
@@ -475,7 +487,11 @@ func (kx *keyExchange) consumeInitiationWith(msg []byte, now time.Time, ephemera
 		return nil, nil, err
 	}
 	kx.lastPeerTime = ts
-	kx.pending = nil // the collision rule: we answer theirs and abandon ours
+	if kx.pending != nil { // the collision rule: we answer theirs and abandon ours
+		kx.abandoned = kx.pending.index
+		kx.lostTo = [12]byte(msg[initiationOffSender:initiationHeaderSize])
+	}
+	kx.pending = nil
 	peer.ciphers = suite
 	return resp, &exchangeResult{session: s, peer: peer}, nil
 }
@@ -487,7 +503,10 @@ func (kx *keyExchange) consumeResponse(msg []byte, now time.Time) (*exchangeResu
 		return nil, errMalformed
 	}
 	p := kx.pending
-	if p == nil || binary.BigEndian.Uint32(msg[responseOffReceiver:]) != p.index {
+	if receiver := binary.BigEndian.Uint32(msg[responseOffReceiver:]); p == nil || receiver != p.index {
+		if receiver != 0 && receiver == kx.abandoned {
+			return nil, errAbandoned // the peer answered it before it saw ours: expected
+		}
 		return nil, errNotWaiting
 	}
 	if !p.secrets.macValid(msg[:responseOffMAC], msg[responseOffMAC:]) {

@@ -347,6 +347,20 @@ func TestExchangeRefusals(t *testing.T) {
 		if errB != nil && (!errors.Is(errB, errCollisionWon) || ra == nil || a.pending != nil || b.pending == nil) {
 			t.Fatalf("b: %v", errB)
 		}
+		// The winner sends its initiation again; the loser, who answered the first copy,
+		// refuses the second as a duplicate (expected, not reported), and the winner does
+		// the same with a copy of the loser's. A replay of an initiation that met no
+		// collision stays a replay (errStale, above).
+		winner, loser, wins, loses := a, b, ma, mb
+		if errB != nil {
+			winner, loser, wins, loses = b, a, mb, ma
+		}
+		if _, _, err := loser.consumeInitiation(wins, now); !errors.Is(err, errDuplicate) {
+			t.Errorf("the loser given the winner's initiation again: %v, want errDuplicate", err)
+		}
+		if _, _, err := winner.consumeInitiation(loses, now); !errors.Is(err, errDuplicate) {
+			t.Errorf("the winner given the loser's initiation again: %v, want errDuplicate", err)
+		}
 	})
 }
 

@@ -790,6 +790,10 @@ func (l *linkLife) askConfirmation(s *session, now time.Time) {
 
 // exchangeRefused logs a refused key-exchange message at a level fitting the reason.
 func (l *linkLife) exchangeRefused(what string, err error, from netip.AddrPort) {
+	if errors.Is(err, errAbandoned) || errors.Is(err, errDuplicate) { // expected after a collision: not refusals
+		l.log.Debugf("key exchange %s from %s ignored: %v", what, from, err)
+		return
+	}
 	l.stats.dropExchange.Add(1)
 	switch {
 	case errors.Is(err, errAuth):
@@ -986,6 +990,7 @@ func (l *linkLife) linkUp(info exchangePayload) {
 	if info.mtu != 0 && int(info.mtu) != l.cfg.mtu {
 		l.log.Printf("warning: the peer's mtu is %d, ours is %d; packets larger than the smaller one are lost", info.mtu, l.cfg.mtu)
 	}
+	l.wasUp.Store(true)
 	l.state = linkState{up: true, since: time.Now(), args: l.scriptArgs(ptp), configuredPtp: l.state.configuredPtp, peerInfo: info}
 	l.up.Store(true)
 	peer := "unknown"

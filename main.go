@@ -86,6 +86,9 @@ func runWith(args []string, stdout, stderr io.Writer, systemOptions string, stop
 		return exitOK
 	case "check":
 		cfg, err := c.config()
+		if err == nil {
+			err = checkDevice(cfg.device)
+		}
 		if err != nil {
 			return fail(exitUsage, err)
 		}
@@ -93,7 +96,15 @@ func runWith(args []string, stdout, stderr io.Writer, systemOptions string, stop
 		return exitOK
 	default:
 		cfg, err := c.config()
+		var ue *usageError
+		if len(args) == 0 && errors.As(err, &ue) && ue.missing {
+			fmt.Fprintf(stderr, shortUsage, systemOptions)
+			return exitUsage
+		}
 		if err != nil {
+			return fail(exitUsage, err)
+		}
+		if err := checkDevice(cfg.device); err != nil {
 			return fail(exitUsage, err)
 		}
 		sig := signals{stop: stop}
@@ -146,6 +157,16 @@ func parseArgs(c *cli, args []string, stdout, stderr io.Writer) (cmd string, cod
 }
 
 var errExitRequested = errors.New("exit requested")
+
+// shortUsage is what `ciped` alone says when it finds no link to run (%s: the system
+// options file).
+const shortUsage = `usage: ciped [-o FILE] [name=value ...]        run a link
+       ciped check [-o FILE] [name=value ...]  check the options, creating nothing
+       ciped status [DEVICE] [--json | --metrics]
+       ciped genkey                            print a new key line
+A link needs a key (in an options file), ipaddr and peer; %s gave none.
+ciped --help lists the options; man ciped explains them.
+`
 
 // newParser builds the kong parser for c; kong's requests to exit become a panic with an
 // exitRequest, which run recovers.

@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"strings"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -163,4 +164,55 @@ func deviceMTUTo(dst netip.Addr) int {
 		return 0
 	}
 	return ifc.MTU
+}
+
+// linkKind names the kind of an interface as the kernel does (veth, bridge, wireguard,
+// ...), or "" if it has none (a physical device) or cannot tell.
+func linkKind(name string) string {
+	fd, err := unix.Socket(unix.AF_NETLINK, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.NETLINK_ROUTE)
+	if err != nil {
+		return ""
+	}
+	defer unix.Close(fd)
+	msg := unix.IfInfomsg{Family: unix.AF_UNSPEC}
+	body := rtattr(append([]byte(nil), (*[unix.SizeofIfInfomsg]byte)(unsafe.Pointer(&msg))[:]...), unix.IFLA_IFNAME,
+		append([]byte(name), 0))
+	req := make([]byte, unix.SizeofNlMsghdr, unix.SizeofNlMsghdr+len(body))
+	req = append(req, body...)
+	*(*unix.NlMsghdr)(unsafe.Pointer(&req[0])) = unix.NlMsghdr{Len: uint32(len(req)), Type: unix.RTM_GETLINK,
+		Flags: unix.NLM_F_REQUEST, Seq: 1}
+	if unix.Sendto(fd, req, 0, &unix.SockaddrNetlink{Family: unix.AF_NETLINK}) != nil {
+		return ""
+	}
+	buf := make([]byte, 1<<15)
+	n, _, err := unix.Recvfrom(fd, buf, 0)
+	if err != nil || n < unix.SizeofNlMsghdr+unix.SizeofIfInfomsg {
+		return ""
+	}
+	h := (*unix.NlMsghdr)(unsafe.Pointer(&buf[0]))
+	if h.Type != unix.RTM_NEWLINK || int(h.Len) > n {
+		return ""
+	}
+	attrs := buf[unix.SizeofNlMsghdr+unix.SizeofIfInfomsg : h.Len]
+	if info := findAttr(attrs, unix.IFLA_LINKINFO); info != nil {
+		if kind := findAttr(info, unix.IFLA_INFO_KIND); kind != nil {
+			return strings.TrimRight(string(kind), "\x00")
+		}
+	}
+	return ""
+}
+
+// findAttr finds an attribute of a type among netlink attributes; nil if there is none.
+func findAttr(b []byte, typ uint16) []byte {
+	for len(b) >= unix.SizeofRtAttr {
+		l := int(binary.NativeEndian.Uint16(b))
+		if l < unix.SizeofRtAttr || l > len(b) {
+			return nil
+		}
+		if binary.NativeEndian.Uint16(b[2:])&^unix.NLA_F_NESTED == typ {
+			return b[unix.SizeofRtAttr:l]
+		}
+		b = b[min(len(b), (l+unix.RTA_ALIGNTO-1)&^(unix.RTA_ALIGNTO-1)):]
+	}
+	return nil
 }

@@ -35,8 +35,12 @@ const (
 	maxOptionsLine    = 4096      // longer lines in an options file are refused
 )
 
-// usageError is bad input: the process prints it and exits with status 2.
-type usageError struct{ msg, hint string }
+// usageError is bad input: the process prints it and exits with status 2. missing marks
+// an essential option not given at all (a key, ipaddr, peer).
+type usageError struct {
+	msg, hint string
+	missing   bool
+}
 
 func (e *usageError) Error() string { return e.msg }
 
@@ -338,6 +342,15 @@ func rewriteArgs(args []string, names map[string]*kong.Flag) ([]string, map[stri
 	out := make([]string, 0, len(args))
 	origins := map[string]string{}
 	commands := map[string]bool{"genkey": true, "run": true, "status": true, "check": true}
+	oFile := ""
+	once := func(file string) error {
+		if oFile != "" {
+			return usagef("-o is given twice (%q and %q): ciped reads one options file besides %s", oFile, file,
+				systemOptionsPath).withHint("put the options of both into one file")
+		}
+		oFile = file
+		return nil
+	}
 	for i := 0; i < len(args); i++ {
 		arg := args[i]
 		switch {
@@ -345,11 +358,19 @@ func rewriteArgs(args []string, names map[string]*kong.Flag) ([]string, map[stri
 			if i+1 >= len(args) {
 				return nil, nil, usagef("%s needs a file name", arg)
 			}
+			if err := once(args[i+1]); err != nil {
+				return nil, nil, err
+			}
 			out = append(out, arg, args[i+1])
 			i++
 			continue
-		case strings.HasPrefix(arg, "-o") || strings.HasPrefix(arg, "--options=") ||
-			arg == "-h" || arg == "--help" || arg == "--version":
+		case strings.HasPrefix(arg, "-o") || strings.HasPrefix(arg, "--options="):
+			if err := once(strings.TrimPrefix(strings.TrimPrefix(arg, "--options="), "-o")); err != nil {
+				return nil, nil, err
+			}
+			out = append(out, arg)
+			continue
+		case arg == "-h" || arg == "--help" || arg == "--version":
 			out = append(out, arg)
 			continue
 		case commands[arg] && len(out) == 0:
@@ -409,7 +430,11 @@ func parseOptionsFile(path string, r io.Reader) ([]fileOption, error) {
 	line := 0
 	for sc.Scan() {
 		line++
-		text, _, _ := strings.Cut(sc.Text(), "#")
+		raw := sc.Text()
+		if line == 1 {
+			raw = strings.TrimPrefix(raw, "\ufeff") // a byte-order mark some editors write
+		}
+		text, _, _ := strings.Cut(raw, "#")
 		fields := strings.Fields(text)
 		if len(fields) == 0 {
 			continue
@@ -594,7 +619,11 @@ func (c *cli) origin(name string) string {
 // 0 for no preference). A name that does not resolve is an error.
 func resolveEndpoint(e endpointOption, family int) (netip.AddrPort, error) {
 	port, err := strconv.ParseUint(e.port, 10, 16)
-	if err != nil {
+	switch {
+	case err == nil:
+	case strings.Trim(e.port, "0123456789") == "":
+		return netip.AddrPort{}, fmt.Errorf("port %s is out of range (0 to 65535)", e.port)
+	default:
 		p, lerr := net.LookupPort("udp", e.port)
 		if lerr != nil {
 			return netip.AddrPort{}, fmt.Errorf("unknown port or service %q", e.port)
@@ -646,8 +675,10 @@ func (c *cli) config() (*config, error) {
 		return nil, usagef("key (%s) and nokey exclude each other", c.origins["key"]).
 			withHint("remove one of them")
 	case !r.Key.set && !r.Nokey:
-		return nil, usagef("no key given").
+		err := usagef("no key given").
 			withHint("put a key line in an options file (ciped genkey makes one), or set nokey for an unencrypted test link")
+		err.missing = true
+		return nil, err
 	case r.Key.set && r.Key.k == [linkKeySize]byte{}:
 		return nil, usagef("%s: the key is all zeros, a placeholder (as in the sample options file)", c.origin("key")).
 			withHint("make a real one with: ciped genkey")
@@ -670,7 +701,9 @@ func (c *cli) config() (*config, error) {
 	}
 
 	if !r.Ipaddr.IsValid() {
-		return nil, usagef("ipaddr is required: the tunnel address of this end").withHint("e.g. ipaddr=10.0.0.1")
+		err := usagef("ipaddr is required: the tunnel address of this end").withHint("e.g. ipaddr=10.0.0.1")
+		err.missing = true
+		return nil, err
 	}
 	if why := notATunnelAddress(cfg.ipaddr); why != "" {
 		return nil, usagef("%s: %s cannot be the tunnel address: %s", c.origin("ipaddr"), cfg.ipaddr, why)
@@ -699,8 +732,10 @@ func (c *cli) config() (*config, error) {
 	}
 
 	if !r.Peer.set {
-		return nil, usagef("peer is required: the carrier address of the other end").
+		err := usagef("peer is required: the carrier address of the other end").
 			withHint("e.g. peer=192.0.2.1:6789, or peer=0.0.0.0:0 to accept whoever authenticates first")
+		err.missing = true
+		return nil, err
 	}
 	family := 0
 	if r.Me.set {

@@ -9,6 +9,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"strings"
 	"testing"
@@ -148,6 +149,11 @@ me 198.18.0.1:domain
 	if cfg.mtu != 1440 {
 		t.Errorf("default mtu over IPv4 = %d, want 1440 (1500 - 28 - 32)", cfg.mtu)
 	}
+	// A byte-order mark, as some editors write one, is no part of the first option.
+	bom := writeFile(t, dir, "bom", "\ufeffkey "+testKey+"\n", 0o600)
+	if cfg, err := parseConfig(t, "", append([]string{"-o", bom}, baseArgs...)...); err != nil || cfg.key == nil {
+		t.Errorf("a file starting with a byte-order mark: %v", err)
+	}
 }
 
 func TestDefaultMTU(t *testing.T) {
@@ -240,6 +246,14 @@ func TestBadInput(t *testing.T) {
 		{"socks malformed", append(ok, "socks=proxy"), `socks: "proxy" is not of the form ADDR:PORT`},
 		{"missing -o file", append([]string{"-o", filepath.Join(dir, "nope")}, baseArgs...), "no such file"},
 		{"option without value", append(ok, "mtu"), `option "mtu" needs a value: mtu=N`},
+		{"two -o files", append([]string{"-o", key}, ok...), `-o is given twice`},
+		{"port out of range", append(ok, "peer=198.18.0.2:99999"), "port 99999 is out of range (0 to 65535)"},
+		{"broadcast ipaddr", append(ok, "ipaddr=255.255.255.255"), "cannot be the tunnel address: it is the broadcast address"},
+		{"loopback ipaddr", append(ok, "ipaddr=127.0.0.1"), "cannot be the tunnel address: it is a loopback address"},
+		{"multicast ipaddr", append(ok, "ipaddr=224.0.0.1"), "it is a multicast address"},
+		{"unspecified ipaddr", append(ok, "ipaddr=0.0.0.0"), "it is unspecified"},
+		{"loopback ptpaddr", append(ok, "ptpaddr=127.0.0.2"), "cannot be the peer's tunnel address: it is a loopback address"},
+		{"odd device name", append(ok, `device=cip"x`), "is not a valid interface name"},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			code, stdout, stderr := runCLI(t, "", c.args...)
@@ -325,15 +339,24 @@ func TestOptionsFilePermissions(t *testing.T) {
 }
 
 func TestCLI(t *testing.T) {
-	code, out, _ := runCLI(t, "", "--version")
-	if code != 0 || !strings.HasPrefix(out, "ciped ") {
+	code, out, errOut := runCLI(t, "", "--version")
+	if code != 0 || !strings.HasPrefix(out, "ciped 0.") {
 		t.Errorf("--version: %d %q", code, out)
+	}
+	// The commit, when there is one, once: in the version or beside it.
+	if m := regexp.MustCompile(`[0-9a-f]{12}`).FindString(out); m != "" && strings.Count(out, m[:7]) != 1 {
+		t.Errorf("--version names the commit more than once: %q", out)
+	}
+	// ciped alone, with nothing to run: a short usage, not the first missing option.
+	code, out, errOut = runCLI(t, "")
+	if code != exitUsage || out != "" || !strings.HasPrefix(errOut, "usage: ciped [-o FILE]") || !strings.Contains(errOut, "ciped check") {
+		t.Errorf("ciped alone: %d %q\n%s", code, out, errOut)
 	}
 	code, out, _ = runCLI(t, "", "--help")
 	if code != 0 || !strings.Contains(out, "--tokxc=SECONDS") || !strings.Contains(out, "genkey") {
 		t.Errorf("--help: %d\n%s", code, out)
 	}
-	code, out, errOut := runCLI(t, "", "genkey")
+	code, out, errOut = runCLI(t, "", "genkey")
 	fields := strings.Fields(out)
 	if code != 0 || len(fields) != 2 || fields[0] != "key" || len(fields[1]) != 32 || errOut != "" {
 		t.Fatalf("genkey: %d %q %q", code, out, errOut)

@@ -166,6 +166,7 @@ func TestCarrierReports(t *testing.T) {
 	c := newLinkCore(cfg, newLogger(testLog{t: t, name: "reports"}, "r", true), &sinkCarrier{}, "r")
 	si, _ := katSessions(t, cipherAES256GCM, 0x11111111, 0x22222222, 0)
 	c.keys.rotate(si)
+	c.up.Store(true)
 	c.pendingIndex.Store(0x33333333)
 	quote := func(b ...byte) ([quoteKept]byte, int) {
 		var q [quoteKept]byte

@@ -16,7 +16,7 @@ fuzztime=${FUZZTIME:-50000x}
 # (NOINSTALL=1 to leave the system alone: tests whose tool is missing then skip, saying
 # which package they need, and with CI=true such a skip is a failure).
 packages=(iproute2 iputils-ping iperf3 nftables tcpdump ethtool python3 python3-cryptography
-	systemd groff-base dante-server)
+	systemd groff-base dante-server gcc binutils dpkg-dev lintian)
 if [ "$(id -u)" = 0 ] && [ -z "${NOINSTALL:-}" ] && command -v apt-get >/dev/null; then
 	missing=()
 	for p in "${packages[@]}"; do

@@ -7,7 +7,11 @@ package main
 import (
 	"errors"
 	"fmt"
+	"net"
 	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -364,4 +368,32 @@ func openPlainTUN(name string, mtu int) (tun.Device, error) {
 		return nil, err
 	}
 	return tun.CreateTUNFromFile(os.NewFile(uintptr(fd), "/dev/net/tun"), mtu)
+}
+
+// checkDevice says why ciped cannot make its interface under the name asked for, if an
+// interface of that name exists already (a name with %d lets the kernel pick a free
+// one): ciped makes its own TUN device and removes it when it stops, so it neither takes
+// over a persistent one (`ip tuntap add`; it would leave it configured), nor one that
+// another process holds, nor an interface of another kind.
+func checkDevice(name string) error {
+	if strings.Contains(name, "%") {
+		return nil
+	}
+	if _, err := net.InterfaceByName(name); err != nil {
+		return nil // none of that name
+	}
+	flags, err := os.ReadFile(filepath.Join("/sys/class/net", name, "tun_flags"))
+	if err != nil {
+		kind := linkKind(name)
+		if kind == "" {
+			kind = "another kind"
+		}
+		return usagef("device %q exists and is not a TUN device (it is %s)", name, kind).
+			withHint("choose another name (device=...), or leave device out to get the first free cipcbN")
+	}
+	if f, err := strconv.ParseUint(strings.TrimSpace(string(flags)), 0, 32); err == nil && f&unix.IFF_PERSIST != 0 {
+		return usagef("device %q exists as a persistent TUN device (made by ip tuntap add); ciped makes its own", name).
+			withHint("remove it (ip link delete %s), or choose another name", name)
+	}
+	return usagef("device %q is in use by another process (another ciped? see: ciped status %s)", name, name)
 }

@@ -172,7 +172,7 @@ type tunnelEvent struct {
 //	                loop (a fresh authentic message from a new
 //	                address under the current session: roaming)
 //	peerTunnelAddr  control loop (linkUp)                       outbound loop (tooBig)
-//	up              control loop (linkUp, linkDown)             tests, readers outside
+//	up, wasUp       control loop (linkUp, linkDown)             all
 //	lastSent        outbound loop; control loop (keepalives)    control loop (ping)
 //	lastReceived    inbound loop; control loop (new session)    control loop (toping)
 //	lastInbound     inbound loop                                outbound loop (answer watch)
@@ -204,6 +204,7 @@ type linkCore struct {
 	peer           atomic.Pointer[netip.AddrPort] // nil until known
 	peerTunnelAddr atomic.Pointer[netip.Addr]     // ptpaddr, configured or learned; nil until known
 	up             atomic.Bool                    // the link state, for readers outside the control loop
+	wasUp          atomic.Bool                    // the link has been up at least once
 
 	epoch          time.Time
 	lastSent       atomic.Int64               // the last datagram sent to the peer
@@ -334,12 +335,20 @@ func (c *linkCore) noteReports(ue *unreachableError) {
 		}
 	}
 	foreign += uint64(ue.count - len(ue.reports)) // not kept, so not judged: not held against the link
-	c.stats.carrierErrors.Add(mine)
+	if c.up.Load() {
+		c.stats.carrierErrors.Add(mine)
+	}
 	c.stats.carrierForeign.Add(foreign)
 	if foreign > 0 {
 		c.log.limitedf(&c.limits.foreign, "carrier: ignored %d ICMP reports about datagrams we did not send to the peer", foreign)
 	}
 	if mine == 0 {
+		return
+	}
+	if !c.up.Load() {
+		// Initiations towards a peer that is not running yet: expected while the link is
+		// down, and key exchanges are retried on their own schedule.
+		c.log.Debugf("carrier: %d datagrams to %s reported undeliverable (%v): the peer is not there (yet)", mine, *peer, ue.err)
 		return
 	}
 	c.carrierErrors.Add(int64(mine))
@@ -680,8 +689,12 @@ func (t *packetPath) sendFrames(frames []tunFrame, out *outbound) {
 		}
 	}
 	if peer == nil || (t.keyed && out.session == nil) {
-		for i := range frames {
-			t.stats.dropNoSession.Add(uint64(framePackets(&frames[i])))
+		// Before the link was ever up (the kernel's own first packets on a new
+		// interface), this is expected, not worth a count.
+		if t.wasUp.Load() {
+			for i := range frames {
+				t.stats.dropNoSession.Add(uint64(framePackets(&frames[i])))
+			}
 		}
 		return
 	}

@@ -713,6 +713,7 @@ func TestAnswerWatch(t *testing.T) {
 	}
 
 	// A carrier error ends the watch and is counted like the inbound loop's.
+	tn.up.Store(true) // while the link is down, such reports are expected and not counted
 	refused := carrierReport{kind: reportUnreachable, dst: cfg.peer}
 	conn.script, conn.err = nil, &unreachableError{count: 3, err: syscall.ECONNREFUSED,
 		reports: []carrierReport{refused, refused, refused}}

@@ -1,31 +1,52 @@
 package main
 
-// The version ciped reports (--version, status, the start-up line).
+// The version ciped reports (--version, status, the start-up line): the release in the
+// VERSION file (or the version a package build sets), the commit it was built from, once,
+// and the Go it was built with.
 
 import (
+	_ "embed"
 	"fmt"
 	"runtime/debug"
+	"strings"
 )
 
-// version is set by the build (-ldflags "-X main.version=..."); otherwise the module's.
+//go:embed VERSION
+var release string
+
+// version, when a build sets it (-ldflags "-X main.version=..."), replaces the release:
+// a package's own version, for one.
 var version = ""
 
 func versionString() string {
-	v := version
-	goVersion := ""
+	v := strings.TrimSpace(release)
+	if version != "" {
+		v = version
+	}
+	commit, modified, goVersion := "", false, ""
 	if info, ok := debug.ReadBuildInfo(); ok {
 		goVersion = info.GoVersion
-		if v == "" {
-			v = info.Main.Version
-			for _, s := range info.Settings {
-				if s.Key == "vcs.revision" && len(s.Value) >= 12 {
-					v += " " + s.Value[:12]
-				}
+		for _, s := range info.Settings {
+			switch s.Key {
+			case "vcs.revision":
+				commit = s.Value[:min(12, len(s.Value))]
+			case "vcs.modified":
+				modified = s.Value == "true"
 			}
 		}
 	}
-	if v == "" || v == "(devel)" {
-		v = "devel"
+	var parts []string
+	if commit != "" && !strings.Contains(v, commit[:min(7, len(commit))]) {
+		if modified {
+			commit += "+changes"
+		}
+		parts = append(parts, "commit "+commit)
 	}
-	return fmt.Sprintf("ciped %s (%s)", v, goVersion)
+	if goVersion != "" {
+		parts = append(parts, goVersion)
+	}
+	if len(parts) == 0 {
+		return "ciped " + v
+	}
+	return fmt.Sprintf("ciped %s (%s)", v, strings.Join(parts, ", "))
 }
