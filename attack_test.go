@@ -6,8 +6,10 @@ package main
 // stays within its bound), never how long something took.
 
 import (
+	"bytes"
 	"encoding/binary"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"net"
 	"net/netip"
@@ -372,13 +374,14 @@ func TestAttackAmplification(t *testing.T) {
 	hub.waitLog(t, "link up", linkBound)
 	client.waitLog(t, "link up", linkBound)
 	close(stop)
-	var initiation []byte
+	var initiation [exchangeParts][]byte // the last initiation's parts
 	for _, p := range sentTo(<-carrier, ns.carrierA, ns.carrierB) {
-		if len(p.payload) == initiationSize && p.payload[offsetType] == messageInitiation {
-			initiation = p.payload
+		if len(p.payload) == initiationPartSize && p.payload[offsetType] == messageInitiation {
+			initiation[p.payload[offsetPart]] = p.payload
 		}
 	}
-	if initiation == nil {
+	if initiation[0] == nil || initiation[1] == nil ||
+		!bytes.Equal(initiation[0][initiationOffSender:initiationHeaderSize], initiation[1][initiationOffSender:initiationHeaderSize]) {
 		t.Fatal("no initiation recorded")
 	}
 
@@ -393,21 +396,22 @@ func TestAttackAmplification(t *testing.T) {
 	stop = make(chan struct{})
 	frames = capture(t, ns.b, "ve4", stop)
 	for range 3 {
-		c.WriteToUDP(initiation, to)
+		c.WriteToUDP(initiation[0], to)
+		c.WriteToUDP(initiation[1], to)
 		time.Sleep(500 * time.Millisecond)
 	}
 	time.Sleep(5 * time.Second) // five times tokxc
 	close(stop)
 	back = sentTo(<-frames, ns.carrierB, evilAddr)
 	for _, p := range back {
-		if p.payload[offsetType] != messageResponse || len(p.payload) > len(initiation) {
+		if p.payload[offsetType] != messageResponse || len(p.payload) >= initiationPartSize {
 			t.Fatalf("the hub sent the replay's source a message of type %d, %d bytes", p.payload[offsetType], len(p.payload))
 		}
 	}
-	if len(back) > 3 {
-		t.Fatalf("3 replayed initiations drew %d datagrams", len(back))
+	if len(back) > exchangeParts {
+		t.Fatalf("3 replayed initiations (2 parts each) drew %d datagrams", len(back))
 	}
-	t.Logf("3 replayed initiations after a restart: %d responses, nothing else in 5 s (tokxc=1)", len(back))
+	t.Logf("3 replayed initiations after a restart: %d response parts, nothing else in 5 s (tokxc=1)", len(back))
 
 	// The client comes back, then dies for good: toping takes the hub's link down, and
 	// then the hub keeps quiet.
@@ -513,19 +517,24 @@ func newFakePeer(t *testing.T, ns string, to netip.AddrPort, ipaddr, expected st
 // back): the other end's link comes up.
 func (p *fakePeer) connect(t *testing.T) {
 	t.Helper()
-	msg, err := p.kx.initiate(time.Now())
+	parts, err := p.kx.initiate(time.Now())
 	if err != nil {
 		t.Fatal(err)
 	}
-	p.conn.WriteToUDP(msg, p.to)
+	for _, m := range parts {
+		p.conn.WriteToUDP(m, p.to)
+	}
 	p.conn.SetReadDeadline(time.Now().Add(10 * time.Second))
 	for {
 		n, _, err := p.conn.ReadFromUDP(p.buf)
 		if err != nil {
 			t.Fatalf("fake peer: no response: %v", err)
 		}
-		if n == responseSize && p.buf[offsetType] == messageResponse {
+		if n == responsePartSize && p.buf[offsetType] == messageResponse {
 			res, err := p.kx.consumeResponse(p.buf[:n], time.Now())
+			if errors.Is(err, errAwaitingPart) {
+				continue
+			}
 			if err != nil {
 				t.Fatalf("fake peer: %v", err)
 			}

@@ -18,7 +18,8 @@ import (
 )
 
 const (
-	protocolVersion = 1 // §1: first byte of every message
+	protocolVersion  = 2 // §1: first byte of every message
+	protocolVersion1 = 1 // §10: the version 2 replaced
 
 	messageInitiation = 1 // §3.1: type of the first key-exchange message
 	messageResponse   = 2 // §3.2: type of the second key-exchange message
@@ -28,49 +29,55 @@ const (
 
 	offsetVersion = 0 // §1: version byte
 	offsetType    = 1 // §1: type byte
+	offsetPart    = 2 // §3.1, §3.2: which half of the Noise message a key-exchange part carries
 
-	initiationSize            = 116                                   // §3.1: size of an initiation
-	initiationOffSender       = 4                                     // §3.1: sender index
-	initiationOffTime         = 8                                     // §3.1: timestamp
-	initiationHeaderSize      = 16                                    // §3.1: bytes bound into the Noise prologue
-	initiationOffNoise        = 16                                    // §3.1: start of the Noise message (e, payload)
-	initiationOffMAC          = 100                                   // §3.1: start of the mac
-	responseSize              = 112                                   // §3.2: size of a response
-	responseOffSender         = 4                                     // §3.2: sender index
-	responseOffReceiver       = 8                                     // §3.2: receiver index
-	responseOffNoise          = 12                                    // §3.2: start of the Noise message (e, ee, payload)
-	responseOffMAC            = 96                                    // §3.2: start of the mac
-	macSize                   = 16                                    // §3.1, §3.2: size of the truncated HMAC
-	publicKeySize             = 32                                    // §3: size of an X25519 public key
-	payloadSize               = 36                                    // §3.3: size of the exchange payload
-	payloadOffCiphers         = 0                                     // §3.3: cipher set or choice
-	payloadOffMTU             = 2                                     // §3.3: sender's interface MTU
-	payloadOffAddr            = 4                                     // §3.3: sender's tunnel address
-	payloadOffExpected        = 20                                    // §3.3: tunnel address the sender expects of us
-	noiseMessage1Size         = publicKeySize + payloadSize + tagSize // §3.1: e, payload: 84
-	noiseMessage2Size         = publicKeySize + payloadSize + tagSize // §3.2: e, ee, payload: 84
-	unknownSessionSize        = 32                                    // §4.5: size of an unknown-session message
-	unknownSessionOffReceiver = 4                                     // §4.5: the receiver index of the data message
-	unknownSessionOffCounter  = 8                                     // §4.5: its counter
-	unknownSessionOffMAC      = 16                                    // §4.5: start of the mac
-	dataHeaderSize            = 16                                    // §4: size of the data header
-	dataOffFlags              = 2                                     // §4: flags byte
-	dataOffReceiver           = 4                                     // §4: receiver index
-	dataOffCounter            = 8                                     // §4: counter
-	tagSize                   = 16                                    // §4: size of the AEAD tag
-	dataOverhead              = dataHeaderSize + tagSize              // §4, §7: bytes added per packet
-	carrierIPv4Overhead       = 20 + 8                                // §7: IPv4 + UDP headers
-	carrierIPv6Overhead       = 40 + 8                                // §7: IPv6 + UDP headers
-	carrierPathMTU            = 1500                                  // §7: carrier MTU the default fits
-	flagPing                  = 0x01                                  // §4: asks for a keepalive in return
-	flagGoodbye               = 0x02                                  // §4: the sender is going down
-	flagCsumPartial           = 0x04                                  // §4: the inner checksum is partial
-	flagProbe                 = 0x08                                  // §4.6: a path MTU probe (padding, no packet)
-	flagProbeAck              = 0x10                                  // §4.6: acknowledges a probe (its size, no packet)
-	probeAckSize              = 4                                     // §4.6: the plaintext of an acknowledgement
-	rekeyAfterPackets         = 1 << 32                               // §5: rekey by count
-	rejectAfterPackets        = 1 << 33                               // §5: reject by count
-	rejectAfterTokxcCount     = 3                                     // §5: reject at tokey + 3·tokxc
+	exchangeParts             = 2                                                                   // §3: datagrams per key-exchange message
+	initiationPartSize        = 674                                                                 // §3.1: size of each part of an initiation
+	initiationOffSender       = 4                                                                   // §3.1: sender index
+	initiationOffTime         = 8                                                                   // §3.1: timestamp
+	initiationHeaderSize      = 16                                                                  // §3.1: bytes bound into the Noise prologue (with part 0)
+	initiationOffNoise        = 16                                                                  // §3.1: start of the part's half of Noise message 1
+	initiationOffMAC          = initiationOffNoise + noiseMessage1Size/exchangeParts                // §3.1: start of the mac: 658
+	responsePartSize          = 622                                                                 // §3.2: size of each part of a response
+	responseOffSender         = 4                                                                   // §3.2: sender index
+	responseOffReceiver       = 8                                                                   // §3.2: receiver index
+	responseOffNoise          = 12                                                                  // §3.2: start of the part's half of Noise message 2
+	responseOffMAC            = responseOffNoise + noiseMessage2Size/exchangeParts                  // §3.2: start of the mac: 606
+	macSize                   = 16                                                                  // §3.1, §3.2: size of the truncated HMAC
+	publicKeySize             = 32                                                                  // §3: size of an X25519 public key
+	kemKeySize                = 1184                                                                // §3: size of an ML-KEM-768 encapsulation key
+	kemCiphertextSize         = 1088                                                                // §3: size of an ML-KEM-768 ciphertext
+	payloadSize               = 36                                                                  // §3.3: size of the exchange payload
+	payloadOffCiphers         = 0                                                                   // §3.3: cipher set or choice
+	payloadOffMTU             = 2                                                                   // §3.3: sender's interface MTU
+	payloadOffAddr            = 4                                                                   // §3.3: sender's tunnel address
+	payloadOffExpected        = 20                                                                  // §3.3: tunnel address the sender expects of us
+	noiseMessage1Size         = publicKeySize + kemKeySize + tagSize + payloadSize + tagSize        // §3: e, e1, payload: 1284
+	noiseMessage2Size         = publicKeySize + kemCiphertextSize + tagSize + payloadSize + tagSize // §3: e, ee, ekem1, payload: 1188
+	v1InitiationSize          = 116                                                                 // §10: a version-1 initiation
+	v1InitiationOffMAC        = 100                                                                 // §10: start of its mac
+	unknownSessionSize        = 32                                                                  // §4.5: size of an unknown-session message
+	unknownSessionOffReceiver = 4                                                                   // §4.5: the receiver index of the data message
+	unknownSessionOffCounter  = 8                                                                   // §4.5: its counter
+	unknownSessionOffMAC      = 16                                                                  // §4.5: start of the mac
+	dataHeaderSize            = 16                                                                  // §4: size of the data header
+	dataOffFlags              = 2                                                                   // §4: flags byte
+	dataOffReceiver           = 4                                                                   // §4: receiver index
+	dataOffCounter            = 8                                                                   // §4: counter
+	tagSize                   = 16                                                                  // §4: size of the AEAD tag
+	dataOverhead              = dataHeaderSize + tagSize                                            // §4, §7: bytes added per packet
+	carrierIPv4Overhead       = 20 + 8                                                              // §7: IPv4 + UDP headers
+	carrierIPv6Overhead       = 40 + 8                                                              // §7: IPv6 + UDP headers
+	carrierPathMTU            = 1500                                                                // §7: carrier MTU the default fits
+	flagPing                  = 0x01                                                                // §4: asks for a keepalive in return
+	flagGoodbye               = 0x02                                                                // §4: the sender is going down
+	flagCsumPartial           = 0x04                                                                // §4: the inner checksum is partial
+	flagProbe                 = 0x08                                                                // §4.6: a path MTU probe (padding, no packet)
+	flagProbeAck              = 0x10                                                                // §4.6: acknowledges a probe (its size, no packet)
+	probeAckSize              = 4                                                                   // §4.6: the plaintext of an acknowledgement
+	rekeyAfterPackets         = 1 << 32                                                             // §5: rekey by count
+	rejectAfterPackets        = 1 << 33                                                             // §5: reject by count
+	rejectAfterTokxcCount     = 3                                                                   // §5: reject at tokey + 3·tokxc
 
 	// §4: a data message with any other flag is dropped
 	knownDataFlags = flagPing | flagGoodbye | flagCsumPartial | flagProbe | flagProbeAck

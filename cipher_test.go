@@ -25,17 +25,17 @@ var dataVectors = []struct {
 	respIndex uint32
 }{
 	{"A.data1", cipherChaCha20Poly1305, true, 0, 0, katInner,
-		"010300005566778800000000000000000d762466fc0861e575617d97f26c43d9b0cb61533289c118ee6ecc33b3982813f9c5c9fe1ada94e1e1b6e124c9", 0x11223344, 0x55667788},
+		"020300005566778800000000000000005fa5aa13b378503905b3fba43b7195cbdc4e230a3799d4187aeaa01a8b4db0dde263dfe2b4e9fdfcf8590562f2", 0x11223344, 0x55667788},
 	{"A.data2", cipherChaCha20Poly1305, true, 1, flagPing, "",
-		"01030100556677880000000000000001f0a6b75ec0355fe2664bb358238d402e", 0x11223344, 0x55667788},
+		"020301005566778800000000000000014bf88963b568e5b7436b213252ecfce2", 0x11223344, 0x55667788},
 	{"A.data3", cipherChaCha20Poly1305, false, 0, 0, katInner,
-		"0103000011223344000000000000000003b642e7d683cd056c463d28f1a20713b17c5b285c78d3d6ebfca10c3f77ff7295b95fbdb8d7dbe613c2755ca6", 0x11223344, 0x55667788},
+		"020300001122334400000000000000004c44864aaa39787ce9b4479c787a75d2ec4a44b8b1cbb7fc575a968aeeb8eb224afe7588b64b7cfdc7bdfd8403", 0x11223344, 0x55667788},
 	{"B.data1", cipherAES256GCM, true, 0, 0, katInner,
-		"01030000556677890000000000000000bf73118e35e693b4526827c201c47b703567049af62f90928d7c29ddb0881c26c53aad1394f8a21a60c5e7cf39", 0x11223345, 0x55667789},
+		"020300005566778900000000000000004f9806441981e0ce702b5759673dae90bebb48711e198929b59634ea892fd520b161225dc498c1115e09146c45", 0x11223345, 0x55667789},
 	{"B.data2", cipherAES256GCM, true, 1, flagPing, "",
-		"01030100556677890000000000000001d7fa7c0bf58b4e21199ade4b5a41a149", 0x11223345, 0x55667789},
+		"02030100556677890000000000000001bcc9a9e372d0e4eb7f007c3d7b552d12", 0x11223345, 0x55667789},
 	{"B.data3", cipherAES256GCM, false, 0, 0, katInner,
-		"010300001122334500000000000000002316ee914d6bb7c4497139d539a686fe74cf0e7969b7fdcc8e40ccd892ea368868962b48c760ac44ee5bb115b6", 0x11223345, 0x55667789},
+		"02030000112233450000000000000000854e37d6ddf85b2589cefad6986a1a647573574cdcc329440077159f433ad5a5e96fcef9e129aedc046a09b930", 0x11223345, 0x55667789},
 }
 
 // katInner is the inner packet of the vectors (used as given, whatever it holds).
@@ -114,7 +114,8 @@ func TestParseDataHeaderRefuses(t *testing.T) {
 	}
 	for name, mutate := range map[string]func([]byte) []byte{
 		"short":        func(b []byte) []byte { return b[:dataOverhead-1] },
-		"version 2":    func(b []byte) []byte { b[offsetVersion] = 2; return b },
+		"version 1":    func(b []byte) []byte { b[offsetVersion] = protocolVersion1; return b },
+		"version 3":    func(b []byte) []byte { b[offsetVersion] = protocolVersion + 1; return b },
 		"initiation":   func(b []byte) []byte { b[offsetType] = messageInitiation; return b },
 		"unknown flag": func(b []byte) []byte { b[dataOffFlags] = 0x80; return b },
 		"IPv4 packet":  func(b []byte) []byte { b[0] = 0x45; return b },
@@ -238,7 +239,10 @@ func TestIndependentImplementation(t *testing.T) {
 			printed[name] = value
 		}
 	}
-	want := map[string]string{"psk": katPSK, "mackey": katMACKey, "A.initiation": katInitiation, "A.response": katResponse}
+	want := map[string]string{"psk": katPSK, "mackey": katMACKey, "kem.ek": katKEMKey,
+		"A.initiation.0": katInitiation[0], "A.initiation.1": katInitiation[1],
+		"A.response.0": katResponse[0], "A.response.1": katResponse[1], "A.k1": katK1, "A.k2": katK2,
+		"v1.initiation": katVersion1Initiation}
 	for _, v := range dataVectors {
 		want[v.name] = v.wantHex
 	}

@@ -263,7 +263,7 @@ func TestE2EHandshakeFlood(t *testing.T) {
 	flooded := make(chan int, 1)
 	start := time.Now()
 	go func() {
-		forged := make([]byte, initiationSize)
+		forged := make([]byte, initiationPartSize)
 		n := 0
 		for {
 			select {
@@ -273,7 +273,7 @@ func TestE2EHandshakeFlood(t *testing.T) {
 			default:
 			}
 			rand.Read(forged)
-			forged[offsetVersion], forged[offsetType] = protocolVersion, messageInitiation
+			forged[offsetVersion], forged[offsetType], forged[offsetPart] = protocolVersion, messageInitiation, byte(n%exchangeParts)
 			if _, err := c.WriteToUDP(forged, to); err == nil {
 				n++
 			}

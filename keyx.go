@@ -1,13 +1,15 @@
 package main
 
 // Key exchange: PROTOCOL.md §2, §3 and §5. The Noise layer (noiseHandshake) follows the
-// Noise specification for the NNpsk0 pattern alone; the message layer around it
-// (keyExchange) adds ciped's header, mac, freshness and payload rules.
+// Noise specification and its HFS extension for the tokens NNhfs+psk0 uses, one method
+// per token; the message layer around it (keyExchange) adds ciped's header, parts, mac,
+// freshness and payload rules.
 
 import (
 	"bytes"
 	"crypto/ecdh"
 	"crypto/hmac"
+	"crypto/mlkem"
 	"crypto/rand"
 	"crypto/sha256"
 	"crypto/subtle"
@@ -22,24 +24,28 @@ import (
 )
 
 const (
-	noiseProtocolName = "Noise_NNpsk0_25519_ChaChaPoly_SHA256" // §3
-	prologueLabel     = "ciped v1"                             // §3: prologue prefix
-	pskLabel          = "ciped v1 psk"                         // §2
-	macLabel          = "ciped v1 mac"                         // §2
-	linkKeySize       = 16                                     // §2: the `key` option
-	noiseKeySize      = 32                                     // §3: Noise cipher keys and hash outputs
+	noiseProtocolName = "Noise_NNhfs+psk0_25519+MLKEM768_ChaChaPoly_SHA256" // §3
+	prologueLabel     = "ciped v2"                                          // §3: prologue prefix
+	pskLabel          = "ciped v2 psk"                                      // §2
+	macLabel          = "ciped v2 mac"                                      // §2
+	v1MACLabel        = "ciped v1 mac"                                      // §10: to recognise a version-1 peer
+	linkKeySize       = 16                                                  // §2: the `key` option
+	noiseKeySize      = 32                                                  // §3: Noise cipher keys and hash outputs
 )
 
-// linkSecrets are the keys derived from the link key (PROTOCOL.md §2).
+// linkSecrets are the keys derived from the link key (PROTOCOL.md §2), and version 1's
+// mac key, which only recognises a peer still speaking it (§10).
 type linkSecrets struct {
-	psk    [noiseKeySize]byte
-	macKey [noiseKeySize]byte
+	psk      [noiseKeySize]byte
+	macKey   [noiseKeySize]byte
+	v1MACKey [noiseKeySize]byte
 }
 
 func deriveLinkSecrets(linkKey [linkKeySize]byte) linkSecrets {
 	var s linkSecrets
 	copy(s.psk[:], hmacSum(linkKey[:], []byte(pskLabel)))
 	copy(s.macKey[:], hmacSum(linkKey[:], []byte(macLabel)))
+	copy(s.v1MACKey[:], hmacSum(linkKey[:], []byte(v1MACLabel)))
 	return s
 }
 
@@ -63,38 +69,47 @@ func (s *linkSecrets) macValid(msg []byte, got []byte) bool {
 	return subtle.ConstantTimeCompare(want[:], got) == 1
 }
 
-// noiseHandshake is the state of one NNpsk0 handshake (Noise specification §5, §9). It
-// is not safe for concurrent use. Its methods must be called in protocol order:
-// initiator writeMessage1, readMessage2, split; responder readMessage1, writeMessage2,
-// split.
+// noiseHandshake is the state of one Noise handshake (Noise specification §5, §9; the
+// HFS extension §4): the symmetric state and this side's keys. It is not safe for
+// concurrent use. ciped's pattern, NNhfs+psk0, is its four message methods, which must
+// be called in protocol order: initiator writeMessage1, readMessage2, split; responder
+// readMessage1, writeMessage2, split. The token methods serve the tests' other patterns
+// too (the published vectors for NNpsk0 and XXhfs).
 type noiseHandshake struct {
 	ck, h     [noiseKeySize]byte
 	k         [noiseKeySize]byte
 	hasKey    bool
 	n         uint64
+	pskMode   bool // a PSK handshake: the e token also mixes the key in (Noise §9.2)
 	ephemeral *ecdh.PrivateKey
 	remoteE   *ecdh.PublicKey
+	kem       *mlkem.DecapsulationKey768 // the initiator's e1 key pair
+	remoteKEM *mlkem.EncapsulationKey768 // the responder's copy of the initiator's e1
 	psk       [noiseKeySize]byte
+	// encapsulate makes the ekem1 token's shared secret and ciphertext; nil: ML-KEM's own
+	// random encapsulation. Known-answer tests fix it.
+	encapsulate func(*mlkem.EncapsulationKey768) (sharedKey, ciphertext []byte)
 }
 
-// newNoiseHandshake initialises the symmetric state with the protocol name and prologue.
-// ephemeral is this side's ephemeral key; nil draws a fresh one.
-func newNoiseHandshake(prologue []byte, psk [noiseKeySize]byte, ephemeral *ecdh.PrivateKey) (*noiseHandshake, error) {
-	hs := &noiseHandshake{psk: psk, ephemeral: ephemeral}
-	if hs.ephemeral == nil {
-		var err error
-		if hs.ephemeral, err = ecdh.X25519().GenerateKey(rand.Reader); err != nil {
-			return nil, err
-		}
-	}
-	if len(noiseProtocolName) <= noiseKeySize {
-		copy(hs.h[:], noiseProtocolName)
+// newNoiseHandshake starts an NNhfs+psk0 handshake with the prologue. ephemeral and kem
+// are this side's ephemeral keys (kem only the initiator's); nil draws fresh ones when
+// they are needed.
+func newNoiseHandshake(prologue []byte, psk [noiseKeySize]byte, ephemeral *ecdh.PrivateKey, kem *mlkem.DecapsulationKey768) *noiseHandshake {
+	hs := &noiseHandshake{psk: psk, pskMode: true, ephemeral: ephemeral, kem: kem}
+	hs.start(noiseProtocolName, prologue)
+	return hs
+}
+
+// start initialises the symmetric state with the protocol name and the prologue.
+func (hs *noiseHandshake) start(name string, prologue []byte) {
+	if len(name) <= noiseKeySize {
+		hs.h = [noiseKeySize]byte{}
+		copy(hs.h[:], name)
 	} else {
-		hs.h = sha256.Sum256([]byte(noiseProtocolName))
+		hs.h = sha256.Sum256([]byte(name))
 	}
 	hs.ck = hs.h
 	hs.mixHash(prologue)
-	return hs, nil
 }
 
 // hkdf is the Noise HKDF with two or three outputs.
@@ -133,47 +148,78 @@ func (hs *noiseHandshake) noiseNonce() []byte {
 	return nonce[:]
 }
 
-// encryptAndHash appends the encryption of plaintext to dst. Every message of NNpsk0 is
-// sent after a key is mixed in, so there is always a key.
+// encryptAndHash appends the encryption of plaintext to dst (the plaintext itself while
+// no key is set, which in NNhfs+psk0 never happens).
 func (hs *noiseHandshake) encryptAndHash(dst, plaintext []byte) []byte {
-	aead, _ := chacha20poly1305.New(hs.k[:])
 	start := len(dst)
-	dst = aead.Seal(dst, hs.noiseNonce(), plaintext, hs.h[:])
-	hs.n++
+	if !hs.hasKey {
+		dst = append(dst, plaintext...)
+	} else {
+		aead, _ := chacha20poly1305.New(hs.k[:])
+		dst = aead.Seal(dst, hs.noiseNonce(), plaintext, hs.h[:])
+		hs.n++
+	}
 	hs.mixHash(dst[start:])
 	return dst
 }
 
 func (hs *noiseHandshake) decryptAndHash(ciphertext []byte) ([]byte, error) {
-	aead, _ := chacha20poly1305.New(hs.k[:])
-	plaintext, err := aead.Open(nil, hs.noiseNonce(), ciphertext, hs.h[:])
-	if err != nil {
-		return nil, errAuth
+	plaintext := ciphertext
+	if hs.hasKey {
+		aead, _ := chacha20poly1305.New(hs.k[:])
+		var err error
+		if plaintext, err = aead.Open(nil, hs.noiseNonce(), ciphertext, hs.h[:]); err != nil {
+			return nil, errAuth
+		}
+		hs.n++
 	}
-	hs.n++
 	hs.mixHash(ciphertext)
 	return plaintext, nil
 }
 
-// writeE and readE handle the "e" token of a PSK handshake: hash the key, and mix it in.
-func (hs *noiseHandshake) writeE(dst []byte) []byte {
-	pub := hs.ephemeral.PublicKey().Bytes()
-	hs.mixHash(pub)
-	hs.mixKey(pub)
-	return append(dst, pub...)
+// sealedSize is the size of n bytes after encryptAndHash.
+func (hs *noiseHandshake) sealedSize(n int) int {
+	if hs.hasKey {
+		return n + tagSize
+	}
+	return n
 }
 
-func (hs *noiseHandshake) readE(msg []byte) error {
+// writeE and readE are the e token: the X25519 public key in the clear, hashed, and in a
+// PSK handshake mixed in as a key too.
+func (hs *noiseHandshake) writeE(dst []byte) ([]byte, error) {
+	if hs.ephemeral == nil {
+		var err error
+		if hs.ephemeral, err = ecdh.X25519().GenerateKey(rand.Reader); err != nil {
+			return nil, err
+		}
+	}
+	pub := hs.ephemeral.PublicKey().Bytes()
+	hs.mixHash(pub)
+	if hs.pskMode {
+		hs.mixKey(pub)
+	}
+	return append(dst, pub...), nil
+}
+
+// readE consumes the e token from the start of msg and returns the rest.
+func (hs *noiseHandshake) readE(msg []byte) ([]byte, error) {
+	if len(msg) < publicKeySize {
+		return nil, errMalformed
+	}
 	pub, err := ecdh.X25519().NewPublicKey(msg[:publicKeySize])
 	if err != nil {
-		return errMalformed
+		return nil, errMalformed
 	}
 	hs.remoteE = pub
 	hs.mixHash(pub.Bytes())
-	hs.mixKey(pub.Bytes())
-	return nil
+	if hs.pskMode {
+		hs.mixKey(pub.Bytes())
+	}
+	return msg[publicKeySize:], nil
 }
 
+// mixEE is the ee token: the X25519 result of the two ephemeral keys, mixed in.
 func (hs *noiseHandshake) mixEE() error {
 	shared, err := hs.ephemeral.ECDH(hs.remoteE)
 	if err != nil { // a low-order point: the all-zero output is refused
@@ -183,46 +229,128 @@ func (hs *noiseHandshake) mixEE() error {
 	return nil
 }
 
-// writeMessage1 appends "-> psk, e" with the payload to dst.
-func (hs *noiseHandshake) writeMessage1(dst, payload []byte) []byte {
-	hs.mixKeyAndHash(hs.psk[:])
-	dst = hs.writeE(dst)
-	return hs.encryptAndHash(dst, payload)
+// writeE1 is the e1 token (HFS §4): the ML-KEM encapsulation key, sent as a static key
+// would be (encryptAndHash), and not mixed in as a key.
+func (hs *noiseHandshake) writeE1(dst []byte) ([]byte, error) {
+	if hs.kem == nil {
+		var err error
+		if hs.kem, err = mlkem.GenerateKey768(); err != nil {
+			return nil, err
+		}
+	}
+	return hs.encryptAndHash(dst, hs.kem.EncapsulationKey().Bytes()), nil
 }
 
-// readMessage1 consumes "-> psk, e" and returns the payload. It does no DH.
-func (hs *noiseHandshake) readMessage1(msg []byte) ([]byte, error) {
-	if len(msg) < publicKeySize+tagSize {
+// readE1 consumes the e1 token from the start of msg and returns the rest. An
+// encapsulation key that fails FIPS 203's check (a coefficient not below q) is refused.
+func (hs *noiseHandshake) readE1(msg []byte) ([]byte, error) {
+	n := hs.sealedSize(kemKeySize)
+	if len(msg) < n {
 		return nil, errMalformed
 	}
-	hs.mixKeyAndHash(hs.psk[:])
-	if err := hs.readE(msg); err != nil {
+	ek, err := hs.decryptAndHash(msg[:n])
+	if err != nil {
 		return nil, err
 	}
-	return hs.decryptAndHash(msg[publicKeySize:])
+	if hs.remoteKEM, err = mlkem.NewEncapsulationKey768(ek); err != nil {
+		return nil, errMalformed
+	}
+	return msg[n:], nil
 }
 
-// writeMessage2 appends "<- e, ee" with the payload to dst.
-func (hs *noiseHandshake) writeMessage2(dst, payload []byte) ([]byte, error) {
-	dst = hs.writeE(dst)
-	if err := hs.mixEE(); err != nil {
+// writeEkem1 is the ekem1 token (HFS §4): encapsulate to the peer's e1, send the
+// ciphertext (encryptAndHash), then mix the shared secret in as a key.
+func (hs *noiseHandshake) writeEkem1(dst []byte) []byte {
+	var shared, ct []byte
+	if hs.encapsulate != nil {
+		shared, ct = hs.encapsulate(hs.remoteKEM)
+	} else {
+		shared, ct = hs.remoteKEM.Encapsulate()
+	}
+	dst = hs.encryptAndHash(dst, ct)
+	hs.mixKey(shared)
+	return dst
+}
+
+// readEkem1 consumes the ekem1 token from the start of msg and returns the rest. ML-KEM
+// decapsulation does not fail: a ciphertext not made for our key yields an unrelated
+// secret, and the next tag fails.
+func (hs *noiseHandshake) readEkem1(msg []byte) ([]byte, error) {
+	n := hs.sealedSize(kemCiphertextSize)
+	if len(msg) < n {
+		return nil, errMalformed
+	}
+	ct, err := hs.decryptAndHash(msg[:n])
+	if err != nil {
+		return nil, err
+	}
+	shared, err := hs.kem.Decapsulate(ct)
+	if err != nil {
+		return nil, errMalformed
+	}
+	hs.mixKey(shared)
+	return msg[n:], nil
+}
+
+// writeMessage1 appends "-> psk, e, e1" with the payload to dst: Noise message 1.
+func (hs *noiseHandshake) writeMessage1(dst, payload []byte) ([]byte, error) {
+	hs.mixKeyAndHash(hs.psk[:])
+	dst, err := hs.writeE(dst)
+	if err != nil {
+		return nil, err
+	}
+	if dst, err = hs.writeE1(dst); err != nil {
 		return nil, err
 	}
 	return hs.encryptAndHash(dst, payload), nil
 }
 
-// readMessage2 consumes "<- e, ee" and returns the payload.
-func (hs *noiseHandshake) readMessage2(msg []byte) ([]byte, error) {
-	if len(msg) < publicKeySize+tagSize {
+// readMessage1 consumes "-> psk, e, e1" and returns the payload. It does no X25519 or
+// ML-KEM operation.
+func (hs *noiseHandshake) readMessage1(msg []byte) ([]byte, error) {
+	if len(msg) != noiseMessage1Size {
 		return nil, errMalformed
 	}
-	if err := hs.readE(msg); err != nil {
+	hs.mixKeyAndHash(hs.psk[:])
+	rest, err := hs.readE(msg)
+	if err != nil {
+		return nil, err
+	}
+	if rest, err = hs.readE1(rest); err != nil {
+		return nil, err
+	}
+	return hs.decryptAndHash(rest)
+}
+
+// writeMessage2 appends "<- e, ee, ekem1" with the payload to dst: Noise message 2.
+func (hs *noiseHandshake) writeMessage2(dst, payload []byte) ([]byte, error) {
+	dst, err := hs.writeE(dst)
+	if err != nil {
 		return nil, err
 	}
 	if err := hs.mixEE(); err != nil {
 		return nil, err
 	}
-	return hs.decryptAndHash(msg[publicKeySize:])
+	dst = hs.writeEkem1(dst)
+	return hs.encryptAndHash(dst, payload), nil
+}
+
+// readMessage2 consumes "<- e, ee, ekem1" and returns the payload.
+func (hs *noiseHandshake) readMessage2(msg []byte) ([]byte, error) {
+	if len(msg) != noiseMessage2Size {
+		return nil, errMalformed
+	}
+	rest, err := hs.readE(msg)
+	if err != nil {
+		return nil, err
+	}
+	if err := hs.mixEE(); err != nil {
+		return nil, err
+	}
+	if rest, err = hs.readEkem1(rest); err != nil {
+		return nil, err
+	}
+	return hs.decryptAndHash(rest)
 }
 
 // split returns the initiator-to-responder and responder-to-initiator keys.
@@ -268,16 +396,19 @@ func parseExchangePayload(b []byte) (exchangePayload, error) {
 }
 
 // Reasons a key-exchange message is refused. errStale and errNotWaiting cover replays.
+// The last four are expected in normal operation: not refusals to count or report.
 var (
 	errStale          = errors.New("initiation is not newer than the last one accepted (replay?)")
 	errSkew           = errors.New("initiation timestamp is outside the tokxts window")
 	errNotWaiting     = errors.New("response to no initiation we are waiting on (replay?)")
-	errAbandoned      = errors.New("response to our initiation that lost a collision")
-	errDuplicate      = errors.New("the peer's initiation again, as it resends it in a collision it wins")
 	errReflected      = errors.New("peer claims our own tunnel address (reflected message?)")
 	errNoCommonCipher = errors.New("no cipher in common with the peer")
 	errCollisionWon   = errors.New("our own initiation wins the collision")
 	errAddrChanged    = errors.New("the peer claims another tunnel address than the one learned")
+	errAbandoned      = errors.New("response to our initiation that lost a collision")
+	errDuplicate      = errors.New("a copy of a part already received, or of the peer's initiation resent in a collision it wins")
+	errSuperseded     = errors.New("part of an initiation older than the one being received")
+	errAwaitingPart   = errors.New("one part kept, waiting for the other")
 )
 
 // exchangeConfig is what the key exchange needs to know about this side of the link.
@@ -298,6 +429,7 @@ type keyExchange struct {
 	cfg          exchangeConfig
 	wallClock    func() time.Time // for timestamps; monotonic time is passed in
 	pending      *pendingInitiation
+	initiation   partStore               // the parts of the initiation being received (§3.4 step 4)
 	abandoned    uint32                  // the index of our last initiation abandoned in a collision
 	collided     [12]byte                // the sender index and timestamp of the last initiation that lost a collision to ours
 	lostTo       [12]byte                // ... of the last initiation that won a collision against ours (answered)
@@ -308,15 +440,50 @@ type keyExchange struct {
 	// acceptAddr, if set, judges the tunnel address a peer claims while it is still to
 	// be learned (no expected address): nil accepts it.
 	acceptAddr func(netip.Addr) error
+	// encapsulate, if set, replaces ML-KEM's random encapsulation in the responses we
+	// make: known-answer tests fix it.
+	encapsulate func(*mlkem.EncapsulationKey768) (sharedKey, ciphertext []byte)
 }
 
 type pendingInitiation struct {
-	hs      *noiseHandshake
-	index   uint32
-	sentAt  time.Time
-	secrets linkSecrets // the key it was made with: its response must be under the same
-	message [initiationSize]byte
+	hs       *noiseHandshake
+	index    uint32
+	sentAt   time.Time
+	secrets  linkSecrets // the key it was made with: its response must be under the same
+	parts    [exchangeParts][initiationPartSize]byte
+	response partStore // the parts of its response as they come
 }
+
+// partStore keeps the halves of one Noise message as its parts arrive (PROTOCOL.md §3.4
+// step 4), only ever after their mac and freshness passed.
+type partStore struct {
+	id      [12]byte     // names the message: sender index and timestamp, or sender index
+	secrets *linkSecrets // the key its parts were under
+	have    [exchangeParts]bool
+	body    [noiseMessage1Size]byte // the Noise message (message 2 uses the first noiseMessage2Size bytes)
+}
+
+// add keeps half (part of a Noise message of size bytes) under id, forgetting what it held
+// of any other message or under another key. It returns the whole message once both
+// halves are there (and forgets them); errDuplicate for a half it holds; errAwaitingPart.
+func (st *partStore) add(id [12]byte, secrets *linkSecrets, part int, half []byte, size int) ([]byte, error) {
+	if st.id != id || st.secrets != secrets {
+		*st = partStore{id: id, secrets: secrets}
+	}
+	if st.have[part] {
+		return nil, errDuplicate
+	}
+	st.have[part] = true
+	copy(st.body[part*size/exchangeParts:], half)
+	if !st.have[0] || !st.have[1] {
+		return nil, errAwaitingPart
+	}
+	st.have = [exchangeParts]bool{}
+	return st.body[:size], nil
+}
+
+// holds reports whether some part is kept.
+func (st *partStore) holds() bool { return st.have[0] || st.have[1] }
 
 // exchangeResult is a session made by a key exchange, with what the peer told us.
 type exchangeResult struct {
@@ -380,58 +547,77 @@ func (kx *keyExchange) secretsFor(msg, mac []byte) (secrets *linkSecrets, old bo
 	return nil, false
 }
 
-// initiate starts a new exchange, replacing any pending one, and returns the initiation
-// to send. now is monotonic time.
-func (kx *keyExchange) initiate(now time.Time) ([]byte, error) {
-	return kx.initiateWith(now, nil)
+// initiate starts a new exchange, replacing any pending one, and returns the two parts
+// of the initiation to send. now is monotonic time.
+func (kx *keyExchange) initiate(now time.Time) ([][]byte, error) {
+	return kx.initiateWith(now, nil, nil)
 }
 
-// initiateWith is initiate with a given ephemeral key; tests pass a fixed one.
-func (kx *keyExchange) initiateWith(now time.Time, ephemeral *ecdh.PrivateKey) ([]byte, error) {
+// initiateWith is initiate with given ephemeral keys; tests pass fixed ones.
+func (kx *keyExchange) initiateWith(now time.Time, ephemeral *ecdh.PrivateKey, kem *mlkem.DecapsulationKey768) ([][]byte, error) {
 	p := &pendingInitiation{index: kx.newIndex(), sentAt: now, secrets: kx.cfg.secrets}
 	ts := uint64(kx.wallClock().UnixNano())
 	if ts <= kx.lastSentTime {
 		ts = kx.lastSentTime + 1
 	}
-	m := p.message[:0]
-	m = append(m, protocolVersion, messageInitiation, 0, 0)
-	m = binary.BigEndian.AppendUint32(m, p.index)
-	m = binary.BigEndian.AppendUint64(m, ts)
-	hs, err := newNoiseHandshake(append([]byte(prologueLabel), m...), kx.cfg.secrets.psk, ephemeral)
+	header := make([]byte, 0, initiationHeaderSize)
+	header = append(header, protocolVersion, messageInitiation, 0, 0)
+	header = binary.BigEndian.AppendUint32(header, p.index)
+	header = binary.BigEndian.AppendUint64(header, ts)
+	hs := newNoiseHandshake(append([]byte(prologueLabel), header...), kx.cfg.secrets.psk, ephemeral, kem)
+	body, err := hs.writeMessage1(make([]byte, 0, noiseMessage1Size), kx.payload(kx.cfg.ciphers))
 	if err != nil {
 		return nil, err
 	}
+	if len(body) != noiseMessage1Size {
+		panic("noise message 1 size")
+	}
 	p.hs = hs
-	m = hs.writeMessage1(m, kx.payload(kx.cfg.ciphers))
-	mac := kx.cfg.secrets.mac(m)
-	m = append(m, mac[:]...)
-	if len(m) != initiationSize {
-		panic("initiation size")
+	out := make([][]byte, exchangeParts)
+	for part := range exchangeParts {
+		m := p.parts[part][:0]
+		m = append(m, header...)
+		m[offsetPart] = byte(part)
+		m = append(m, body[part*noiseMessage1Size/exchangeParts:(part+1)*noiseMessage1Size/exchangeParts]...)
+		mac := kx.cfg.secrets.mac(m)
+		m = append(m, mac[:]...)
+		if len(m) != initiationPartSize {
+			panic("initiation part size")
+		}
+		out[part] = p.parts[part][:]
 	}
 	kx.pending, kx.lastSentTime = p, ts
-	return p.message[:], nil
+	return out, nil
 }
 
-// consumeInitiation processes an initiation (§3.4). On success it returns the response to
-// send and the new, unconfirmed session. now is monotonic time.
-func (kx *keyExchange) consumeInitiation(msg []byte, now time.Time) ([]byte, *exchangeResult, error) {
+// pendingParts returns the two parts of the pending initiation, to be sent again.
+func (kx *keyExchange) pendingParts() [][]byte {
+	return [][]byte{kx.pending.parts[0][:], kx.pending.parts[1][:]}
+}
+
+// consumeInitiation processes a part of an initiation (PROTOCOL.md §3.4). With the second
+// part it returns the two parts of the response to send and the new, unconfirmed session;
+// with the first, errAwaitingPart. now is monotonic time.
+func (kx *keyExchange) consumeInitiation(msg []byte, now time.Time) ([][]byte, *exchangeResult, error) {
 	return kx.consumeInitiationWith(msg, now, nil)
 }
 
-func (kx *keyExchange) consumeInitiationWith(msg []byte, now time.Time, ephemeral *ecdh.PrivateKey) ([]byte, *exchangeResult, error) {
-	if len(msg) != initiationSize || msg[offsetVersion] != protocolVersion || msg[offsetType] != messageInitiation {
+func (kx *keyExchange) consumeInitiationWith(msg []byte, now time.Time, ephemeral *ecdh.PrivateKey) ([][]byte, *exchangeResult, error) {
+	if len(msg) != initiationPartSize || msg[offsetVersion] != protocolVersion || msg[offsetType] != messageInitiation ||
+		msg[offsetPart] >= exchangeParts {
 		return nil, nil, errMalformed
 	}
 	secrets, old := kx.secretsFor(msg[:initiationOffMAC], msg[initiationOffMAC:])
 	if secrets == nil {
 		return nil, nil, errAuth
 	}
+	id := [12]byte(msg[initiationOffSender:initiationHeaderSize])
 	ts := binary.BigEndian.Uint64(msg[initiationOffTime:])
 	if ts <= kx.lastPeerTime {
 		// A copy of an initiation that met ours: the peer resends its initiation when it
 		// wins a collision, whether we saw the first (and lost: we answered it) or not (and
 		// won). Not a replay to report, but refused all the same.
-		if h := [12]byte(msg[initiationOffSender:initiationHeaderSize]); h == kx.collided || h == kx.lostTo {
+		if id == kx.collided || id == kx.lostTo {
 			return nil, nil, errDuplicate
 		}
 		return nil, nil, errStale
@@ -442,11 +628,20 @@ func (kx *keyExchange) consumeInitiationWith(msg []byte, now time.Time, ephemera
 			return nil, nil, fmt.Errorf("%w: clocks differ by %v", errSkew, skew.Round(time.Millisecond))
 		}
 	}
-	hs, err := newNoiseHandshake(append([]byte(prologueLabel), msg[:initiationHeaderSize]...), secrets.psk, ephemeral)
+	if kx.initiation.holds() && kx.initiation.id != id && ts <= binary.BigEndian.Uint64(kx.initiation.id[4:]) {
+		return nil, nil, errSuperseded
+	}
+	part := int(msg[offsetPart])
+	body, err := kx.initiation.add(id, secrets, part, msg[initiationOffNoise:initiationOffMAC], noiseMessage1Size)
 	if err != nil {
 		return nil, nil, err
 	}
-	plain, err := hs.readMessage1(msg[initiationOffNoise:initiationOffMAC])
+
+	prologue := append([]byte(prologueLabel), protocolVersion, messageInitiation, 0, 0) // the header as in part 0
+	prologue = append(prologue, id[:]...)
+	hs := newNoiseHandshake(prologue, secrets.psk, ephemeral, nil)
+	hs.encapsulate = kx.encapsulate
+	plain, err := hs.readMessage1(body)
 	if err != nil {
 		return nil, nil, err
 	}
@@ -465,21 +660,29 @@ func (kx *keyExchange) consumeInitiationWith(msg []byte, now time.Time, ephemera
 	// ours cannot win, whatever the rule says.
 	if kx.pending != nil && !old && bytes.Compare(kx.pending.hs.ephemeral.PublicKey().Bytes(), hs.remoteE.Bytes()) > 0 {
 		kx.lastPeerTime = ts // a copy of it (a replay) is stale from now on: it earns nothing more
-		kx.collided = [12]byte(msg[initiationOffSender:initiationHeaderSize])
+		kx.collided = id
 		return nil, nil, errCollisionWon
 	}
 
 	remoteIndex := binary.BigEndian.Uint32(msg[initiationOffSender:])
 	localIndex := kx.newIndex()
-	resp := make([]byte, 0, responseSize)
-	resp = append(resp, protocolVersion, messageResponse, 0, 0)
-	resp = binary.BigEndian.AppendUint32(resp, localIndex)
-	resp = binary.BigEndian.AppendUint32(resp, remoteIndex)
-	if resp, err = hs.writeMessage2(resp, kx.payload(suite)); err != nil {
+	reply, err := hs.writeMessage2(make([]byte, 0, noiseMessage2Size), kx.payload(suite))
+	if err != nil {
 		return nil, nil, err
 	}
-	mac := secrets.mac(resp)
-	resp = append(resp, mac[:]...)
+	if len(reply) != noiseMessage2Size {
+		panic("noise message 2 size")
+	}
+	resp := make([][]byte, exchangeParts)
+	for part := range exchangeParts {
+		m := make([]byte, 0, responsePartSize)
+		m = append(m, protocolVersion, messageResponse, byte(part), 0)
+		m = binary.BigEndian.AppendUint32(m, localIndex)
+		m = binary.BigEndian.AppendUint32(m, remoteIndex)
+		m = append(m, reply[part*noiseMessage2Size/exchangeParts:(part+1)*noiseMessage2Size/exchangeParts]...)
+		mac := secrets.mac(m)
+		resp[part] = append(m, mac[:]...)
+	}
 
 	k1, k2 := hs.split()
 	s, err := newSession(suite, k1[:], k2[:], false, localIndex, remoteIndex, now)
@@ -489,17 +692,19 @@ func (kx *keyExchange) consumeInitiationWith(msg []byte, now time.Time, ephemera
 	kx.lastPeerTime = ts
 	if kx.pending != nil { // the collision rule: we answer theirs and abandon ours
 		kx.abandoned = kx.pending.index
-		kx.lostTo = [12]byte(msg[initiationOffSender:initiationHeaderSize])
+		kx.lostTo = id
 	}
 	kx.pending = nil
 	peer.ciphers = suite
 	return resp, &exchangeResult{session: s, peer: peer}, nil
 }
 
-// consumeResponse processes a response to our pending initiation (§3.4) and returns the
-// new session, which is confirmed at once.
+// consumeResponse processes a part of the response to our pending initiation
+// (PROTOCOL.md §3.4). With the second part it returns the new session, which is
+// confirmed at once; with the first, errAwaitingPart.
 func (kx *keyExchange) consumeResponse(msg []byte, now time.Time) (*exchangeResult, error) {
-	if len(msg) != responseSize || msg[offsetVersion] != protocolVersion || msg[offsetType] != messageResponse {
+	if len(msg) != responsePartSize || msg[offsetVersion] != protocolVersion || msg[offsetType] != messageResponse ||
+		msg[offsetPart] >= exchangeParts {
 		return nil, errMalformed
 	}
 	p := kx.pending
@@ -512,8 +717,14 @@ func (kx *keyExchange) consumeResponse(msg []byte, now time.Time) (*exchangeResu
 	if !p.secrets.macValid(msg[:responseOffMAC], msg[responseOffMAC:]) {
 		return nil, errAuth
 	}
+	var id [12]byte
+	copy(id[:], msg[responseOffSender:responseOffReceiver])
+	body, err := p.response.add(id, &p.secrets, int(msg[offsetPart]), msg[responseOffNoise:responseOffMAC], noiseMessage2Size)
+	if err != nil {
+		return nil, err
+	}
 	hs := *p.hs // a failed attempt must leave the pending state usable
-	plain, err := hs.readMessage2(msg[responseOffNoise:responseOffMAC])
+	plain, err := hs.readMessage2(body)
 	if err != nil {
 		return nil, err
 	}
@@ -534,6 +745,16 @@ func (kx *keyExchange) consumeResponse(msg []byte, now time.Time) (*exchangeResu
 	}
 	kx.pending = nil
 	return &exchangeResult{session: s, peer: peer}, nil
+}
+
+// speaksVersion1 reports whether msg is a version-1 initiation from a holder of the link
+// key (PROTOCOL.md §10): its mac is right under version 1's mac key. One mac.
+func (kx *keyExchange) speaksVersion1(msg []byte) bool {
+	if len(msg) != v1InitiationSize || msg[offsetVersion] != protocolVersion1 || msg[offsetType] != messageInitiation {
+		return false
+	}
+	want := hmacSum(kx.cfg.secrets.v1MACKey[:], msg[:v1InitiationOffMAC])
+	return subtle.ConstantTimeCompare(want[:macSize], msg[v1InitiationOffMAC:]) == 1
 }
 
 func bitsSet(b uint8) int {

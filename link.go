@@ -75,6 +75,7 @@ type linkLife struct {
 	ctlBuf       [dataOverhead + probeAckSize]byte
 	ctlNonce     [12]byte
 	ctlMsg       [1]carrierMsg
+	kxMsgs       [exchangeParts]carrierMsg
 
 	// Path MTU (pmtu.go): the search, and where its probes are sealed.
 	prober     *pathProber
@@ -653,14 +654,14 @@ func (l *linkLife) initiate(now time.Time, to netip.AddrPort) {
 		}
 		l.retry = min(2*l.retry, l.opt().tokxc)
 	}
-	msg, err := l.kx.initiate(now)
+	parts, err := l.kx.initiate(now)
 	if err != nil {
 		l.log.Printf("cannot start a key exchange: %v", err)
 		return
 	}
 	l.pendingIndex.Store(l.kx.pending.index)
 	l.log.Debugf("sending key exchange initiation to %s", to)
-	l.sendControl(msg, to)
+	l.sendExchange(parts, to)
 }
 
 // watchLink applies toping and ping to a link that is up (maxerr: watchErrors).
@@ -681,6 +682,17 @@ func (l *linkLife) watchLink(now time.Time) {
 		l.sendKeepalive(cur, flagPing) // the answer shows the peer is alive
 	case idle >= l.opt().ping:
 		l.sendKeepalive(cur, 0) // keeps NAT mappings open
+	}
+}
+
+// sendExchange sends the parts of a key-exchange message (PROTOCOL.md §3), in order,
+// each free to be fragmented on an IPv4 path smaller than it.
+func (l *linkLife) sendExchange(parts [][]byte, to netip.AddrPort) {
+	for i, p := range parts {
+		l.kxMsgs[i] = carrierMsg{buf: p, frag: true}
+	}
+	if err := l.conn.WriteBatch(l.kxMsgs[:len(parts)], to); err != nil {
+		l.noteCarrierError(err)
 	}
 }
 
@@ -714,6 +726,15 @@ func (l *linkLife) handleExchange(m *exchangeMsg) {
 		return
 	}
 	l.exchangeFrom = m.from
+	if msg[offsetVersion] == protocolVersion1 {
+		if l.kx.speaksVersion1(msg) {
+			l.stats.dropExchange.Add(1)
+			l.log.limitedf(&l.limits.version1, "peer at %s speaks protocol version 1: upgrade it (this ciped speaks version 2)", m.from)
+		} else {
+			l.stats.dropMalformed.Add(1)
+		}
+		return
+	}
 	switch msg[offsetType] {
 	case messageInitiation:
 		resp, res, err := l.kx.consumeInitiation(msg, now)
@@ -721,7 +742,7 @@ func (l *linkLife) handleExchange(m *exchangeMsg) {
 			// The peer may never have seen ours (sent before it was listening, or lost):
 			// send the very same initiation again; if it did see it, it ignores the copy.
 			l.log.Debugf("key exchange collision with %s: ours wins, sending it again", m.from)
-			l.sendControl(l.kx.pending.message[:], m.from)
+			l.sendExchange(l.kx.pendingParts(), m.from)
 			return
 		}
 		if err != nil {
@@ -737,7 +758,7 @@ func (l *linkLife) handleExchange(m *exchangeMsg) {
 			}
 		}
 		l.log.Debugf("answering key exchange initiation from %s", m.from)
-		l.sendControl(resp, m.from)
+		l.sendExchange(resp, m.from)
 	case messageResponse:
 		pending := l.kx.pending
 		res, err := l.kx.consumeResponse(msg, now)
@@ -790,7 +811,11 @@ func (l *linkLife) askConfirmation(s *session, now time.Time) {
 
 // exchangeRefused logs a refused key-exchange message at a level fitting the reason.
 func (l *linkLife) exchangeRefused(what string, err error, from netip.AddrPort) {
-	if errors.Is(err, errAbandoned) || errors.Is(err, errDuplicate) { // expected after a collision: not refusals
+	switch {
+	case errors.Is(err, errAwaitingPart):
+		return
+	case errors.Is(err, errAbandoned), errors.Is(err, errDuplicate), errors.Is(err, errSuperseded):
+		// expected after a collision, a retry or reordering: not refusals
 		l.log.Debugf("key exchange %s from %s ignored: %v", what, from, err)
 		return
 	}

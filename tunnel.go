@@ -78,8 +78,9 @@ const (
 	exchangeQueueSize   = 64                    // key-exchange messages waiting for the control loop
 	eventQueueSize      = 64                    // events from the data loops to the control loop
 	logInterval         = 10 * time.Second      // at most one line per kind of bad packet
+	version1LogInterval = time.Minute           // at most one line about a peer speaking version 1 (PROTOCOL.md §10)
 	errorPause          = 10 * time.Millisecond // after an unexpected read error
-	exchangeMessageSize = initiationSize        // the larger of the two
+	exchangeMessageSize = initiationPartSize    // the larger of the two parts (and of a version-1 initiation)
 
 	// After the outbound loop sends a batch of at most answerWatchPackets packets, and
 	// nothing came in for answerQuiet, it watches the carrier for an answer for up to
@@ -223,7 +224,7 @@ type linkCore struct {
 	exchanges chan exchangeMsg
 	events    chan tunnelEvent
 	stats     stats
-	limits    struct{ auth, exchange, malformed, plaintext, carrier, foreign, congestion, tun, icmp, pmtu, source rateLimit }
+	limits    struct{ auth, exchange, malformed, plaintext, carrier, foreign, congestion, tun, icmp, pmtu, source, version1 rateLimit }
 
 	failed chan error    // receives why the link cannot go on (the interface vanished)
 	stop   chan struct{} // closed when the link stops
@@ -238,6 +239,7 @@ func newLinkCore(cfg *config, log *logger, conn carrier, ifname string) *linkCor
 		r.interval = logInterval
 	}
 	c.limits.icmp.interval = time.Second / icmpPerSecond
+	c.limits.version1.interval = version1LogInterval
 	if !cfg.dynamicPeer() {
 		p := cfg.peer
 		c.peer.Store(&p)
@@ -1070,6 +1072,10 @@ func (in *inbound) receive(msgs []carrierMsg, pkts []innerPacket) []innerPacket 
 // hold become jobs.
 func (in *inbound) sort(msg []byte, from netip.AddrPort) {
 	t := in.t
+	if len(msg) == v1InitiationSize && msg[offsetVersion] == protocolVersion1 && msg[offsetType] == messageInitiation {
+		t.queueExchange(msg, from) // the control loop tells whether the peer speaks version 1 (PROTOCOL.md §10)
+		return
+	}
 	if len(msg) < 2 || msg[offsetVersion] != protocolVersion {
 		in.malformed++
 		t.logMalformed(msg, from)
