@@ -531,7 +531,7 @@ func (p *fakePeer) connect(t *testing.T) {
 			t.Fatalf("fake peer: no response: %v", err)
 		}
 		if n == responsePartSize && p.buf[offsetType] == messageResponse {
-			res, err := p.kx.consumeResponse(p.buf[:n], time.Now())
+			res, err := p.kx.consumeResponse(p.buf[:n], p.to.AddrPort(), time.Now())
 			if errors.Is(err, errAwaitingPart) {
 				continue
 			}

@@ -736,8 +736,9 @@ func TestE2EHandshakeSmallPath(t *testing.T) {
 
 // TestE2EVersion1Peer: a version-1 initiation from a holder of the link key (PROTOCOL.md
 // §10; the one the old protocol made for the known-answer inputs) gets no answer and one
-// log line that says what to do, however often it comes; one with a flipped bit, which
-// no key holder made, gets neither.
+// log line that says what to do, however often it comes (copies of it are not even
+// recognised again); one with a flipped bit, which no key holder made, gets neither and
+// is counted as malformed.
 func TestE2EVersion1Peer(t *testing.T) {
 	requireRoot(t)
 	l := &e2eLink{keyA: katLinkKey}
@@ -753,10 +754,16 @@ func TestE2EVersion1Peer(t *testing.T) {
 	frames := capture(t, l.ns.b, "ve4", stop)
 	for range 5 {
 		c.WriteToUDP(forged, to)
+	}
+	time.Sleep(time.Second)
+	if n := l.b.count("protocol version 1"); n != 0 {
+		t.Fatalf("forged version-1 initiations were taken for the peer's:\n%s", l.b.log.String())
+	}
+	for range 5 {
 		c.WriteToUDP(v1, to)
 		time.Sleep(100 * time.Millisecond)
 	}
-	l.b.waitLog(t, "peer at 198.18.2.2", linkBound)
+	l.b.waitLog(t, "peer at 198.18.2.2:", linkBound)
 	time.Sleep(time.Second)
 	close(stop)
 	if back := sentTo(<-frames, l.ns.carrierB, netip.MustParseAddr("198.18.2.2")); len(back) != 0 {
@@ -767,6 +774,12 @@ func TestE2EVersion1Peer(t *testing.T) {
 	}
 	if got := ping(t, l.ns.a, e2eTunnelB, 2, "0.2"); got != 2 {
 		t.Errorf("the link after the version-1 initiations: %d of 2 pings", got)
+	}
+	if st := l.b.terminate(t); st != 0 {
+		t.Fatalf("ciped B exited with %d", st)
+	}
+	if n := finalCount(t, l.b, "malformed"); n < 5+4 {
+		t.Errorf("%d datagrams counted malformed, want the 5 forged and the 4 copies at least", n)
 	}
 }
 

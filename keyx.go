@@ -435,6 +435,7 @@ type keyExchange struct {
 	lostTo       [12]byte                // ... of the last initiation that won a collision against ours (answered)
 	lastSentTime uint64                  // greatest timestamp we sent
 	lastPeerTime uint64                  // greatest initiation timestamp we accepted
+	lastV1Time   uint64                  // greatest timestamp of a version-1 initiation recognised (§10)
 	indexInUse   func(index uint32) bool // reports indices of live sessions; may be nil
 	random       io.Reader               // source of indices; nil: crypto/rand
 	// acceptAddr, if set, judges the tunnel address a peer claims while it is still to
@@ -454,21 +455,29 @@ type pendingInitiation struct {
 	response partStore // the parts of its response as they come
 }
 
+// partsKeptFor is how long a part waits for the other (PROTOCOL.md §3.4 step 4): the two
+// are sent one right after the other, so a part alone this long lost its sibling, and the
+// initiator has sent, or will send, a new initiation.
+const partsKeptFor = 5 * time.Second
+
 // partStore keeps the halves of one Noise message as its parts arrive (PROTOCOL.md §3.4
 // step 4), only ever after their mac and freshness passed.
 type partStore struct {
-	id      [12]byte     // names the message: sender index and timestamp, or sender index
-	secrets *linkSecrets // the key its parts were under
-	have    [exchangeParts]bool
-	body    [noiseMessage1Size]byte // the Noise message (message 2 uses the first noiseMessage2Size bytes)
+	id   [12]byte           // names the message: sender index and timestamp, or sender index
+	key  [noiseKeySize]byte // the mac key its parts were under
+	from netip.AddrPort     // where its parts came from
+	at   time.Time          // when the first part kept arrived (monotonic)
+	have [exchangeParts]bool
+	body [noiseMessage1Size]byte // the Noise message (message 2 uses the first noiseMessage2Size bytes)
 }
 
 // add keeps half (part of a Noise message of size bytes) under id, forgetting what it held
-// of any other message or under another key. It returns the whole message once both
-// halves are there (and forgets them); errDuplicate for a half it holds; errAwaitingPart.
-func (st *partStore) add(id [12]byte, secrets *linkSecrets, part int, half []byte, size int) ([]byte, error) {
-	if st.id != id || st.secrets != secrets {
-		*st = partStore{id: id, secrets: secrets}
+// of another message, under another key, from another address, or for partsKeptFor. It
+// returns the whole message once both halves are there (and forgets them); errDuplicate
+// for a half it holds; errAwaitingPart.
+func (st *partStore) add(id [12]byte, key *linkSecrets, from netip.AddrPort, now time.Time, part int, half []byte, size int) ([]byte, error) {
+	if !st.holds(now) || st.id != id || st.key != key.macKey || st.from != from {
+		*st = partStore{id: id, key: key.macKey, from: from, at: now}
 	}
 	if st.have[part] {
 		return nil, errDuplicate
@@ -482,8 +491,10 @@ func (st *partStore) add(id [12]byte, secrets *linkSecrets, part int, half []byt
 	return st.body[:size], nil
 }
 
-// holds reports whether some part is kept.
-func (st *partStore) holds() bool { return st.have[0] || st.have[1] }
+// holds reports whether some part is kept, and not for partsKeptFor yet.
+func (st *partStore) holds(now time.Time) bool {
+	return (st.have[0] || st.have[1]) && now.Sub(st.at) < partsKeptFor
+}
 
 // exchangeResult is a session made by a key exchange, with what the peer told us.
 type exchangeResult struct {
@@ -598,11 +609,12 @@ func (kx *keyExchange) pendingParts() [][]byte {
 // consumeInitiation processes a part of an initiation (PROTOCOL.md §3.4). With the second
 // part it returns the two parts of the response to send and the new, unconfirmed session;
 // with the first, errAwaitingPart. now is monotonic time.
-func (kx *keyExchange) consumeInitiation(msg []byte, now time.Time) ([][]byte, *exchangeResult, error) {
-	return kx.consumeInitiationWith(msg, now, nil)
+// from is where the part came from: the parts of one initiation must come from one address.
+func (kx *keyExchange) consumeInitiation(msg []byte, from netip.AddrPort, now time.Time) ([][]byte, *exchangeResult, error) {
+	return kx.consumeInitiationWith(msg, from, now, nil)
 }
 
-func (kx *keyExchange) consumeInitiationWith(msg []byte, now time.Time, ephemeral *ecdh.PrivateKey) ([][]byte, *exchangeResult, error) {
+func (kx *keyExchange) consumeInitiationWith(msg []byte, from netip.AddrPort, now time.Time, ephemeral *ecdh.PrivateKey) ([][]byte, *exchangeResult, error) {
 	if len(msg) != initiationPartSize || msg[offsetVersion] != protocolVersion || msg[offsetType] != messageInitiation ||
 		msg[offsetPart] >= exchangeParts {
 		return nil, nil, errMalformed
@@ -628,11 +640,11 @@ func (kx *keyExchange) consumeInitiationWith(msg []byte, now time.Time, ephemera
 			return nil, nil, fmt.Errorf("%w: clocks differ by %v", errSkew, skew.Round(time.Millisecond))
 		}
 	}
-	if kx.initiation.holds() && kx.initiation.id != id && ts <= binary.BigEndian.Uint64(kx.initiation.id[4:]) {
+	if kx.initiation.holds(now) && kx.initiation.id != id && ts <= binary.BigEndian.Uint64(kx.initiation.id[4:]) {
 		return nil, nil, errSuperseded
 	}
 	part := int(msg[offsetPart])
-	body, err := kx.initiation.add(id, secrets, part, msg[initiationOffNoise:initiationOffMAC], noiseMessage1Size)
+	body, err := kx.initiation.add(id, secrets, from, now, part, msg[initiationOffNoise:initiationOffMAC], noiseMessage1Size)
 	if err != nil {
 		return nil, nil, err
 	}
@@ -700,9 +712,9 @@ func (kx *keyExchange) consumeInitiationWith(msg []byte, now time.Time, ephemera
 }
 
 // consumeResponse processes a part of the response to our pending initiation
-// (PROTOCOL.md §3.4). With the second part it returns the new session, which is
-// confirmed at once; with the first, errAwaitingPart.
-func (kx *keyExchange) consumeResponse(msg []byte, now time.Time) (*exchangeResult, error) {
+// (PROTOCOL.md §3.4), come from the address from. With the second part it returns the new
+// session, which is confirmed at once; with the first, errAwaitingPart.
+func (kx *keyExchange) consumeResponse(msg []byte, from netip.AddrPort, now time.Time) (*exchangeResult, error) {
 	if len(msg) != responsePartSize || msg[offsetVersion] != protocolVersion || msg[offsetType] != messageResponse ||
 		msg[offsetPart] >= exchangeParts {
 		return nil, errMalformed
@@ -719,7 +731,7 @@ func (kx *keyExchange) consumeResponse(msg []byte, now time.Time) (*exchangeResu
 	}
 	var id [12]byte
 	copy(id[:], msg[responseOffSender:responseOffReceiver])
-	body, err := p.response.add(id, &p.secrets, int(msg[offsetPart]), msg[responseOffNoise:responseOffMAC], noiseMessage2Size)
+	body, err := p.response.add(id, &p.secrets, from, now, int(msg[offsetPart]), msg[responseOffNoise:responseOffMAC], noiseMessage2Size)
 	if err != nil {
 		return nil, err
 	}
@@ -748,13 +760,23 @@ func (kx *keyExchange) consumeResponse(msg []byte, now time.Time) (*exchangeResu
 }
 
 // speaksVersion1 reports whether msg is a version-1 initiation from a holder of the link
-// key (PROTOCOL.md §10): its mac is right under version 1's mac key. One mac.
+// key (PROTOCOL.md §10): its mac is right under version 1's mac key (one mac), and its
+// timestamp newer than that of the last one recognised, so that a recording of one,
+// replayed, is recognised once.
 func (kx *keyExchange) speaksVersion1(msg []byte) bool {
 	if len(msg) != v1InitiationSize || msg[offsetVersion] != protocolVersion1 || msg[offsetType] != messageInitiation {
 		return false
 	}
 	want := hmacSum(kx.cfg.secrets.v1MACKey[:], msg[:v1InitiationOffMAC])
-	return subtle.ConstantTimeCompare(want[:macSize], msg[v1InitiationOffMAC:]) == 1
+	if subtle.ConstantTimeCompare(want[:macSize], msg[v1InitiationOffMAC:]) != 1 {
+		return false
+	}
+	ts := binary.BigEndian.Uint64(msg[initiationOffTime:])
+	if ts <= kx.lastV1Time {
+		return false
+	}
+	kx.lastV1Time = ts
+	return true
 }
 
 func bitsSet(b uint8) int {

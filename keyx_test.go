@@ -325,6 +325,9 @@ var (
 	katVersion1Initiation = "010100001122334418e91efd632f4d15ca35def5ae56cec33dc2036731ab14896bc4c75dbb07a61f879f8e3afa4c794442310f5bdee8dd6e3fcc8302737ee61a377aa86246dc63cde6296127d9a112b487c034574253c103bb59bfecdef1015f89cf9fa2482155e0f1a1cb8f7160eb6a06fb9a4f"
 )
 
+// testFrom is where the tests' key-exchange parts come from.
+var testFrom = netip.MustParseAddrPort("198.18.0.1:6000")
+
 // countingReader yields 0x11223344, 0x11223345, ... as 4-byte indices.
 type countingReader struct{ next uint32 }
 
@@ -373,7 +376,7 @@ func clone(parts [][]byte) [][]byte {
 // last one earned (the first must be kept, waiting for the second, or refused).
 func (kx *keyExchange) takeInitiation(parts [][]byte, now time.Time, ephemeral *ecdh.PrivateKey) ([][]byte, *exchangeResult, error) {
 	for i, p := range parts {
-		resp, r, err := kx.consumeInitiationWith(p, now, ephemeral)
+		resp, r, err := kx.consumeInitiationWith(p, testFrom, now, ephemeral)
 		if i == len(parts)-1 || !errors.Is(err, errAwaitingPart) {
 			return resp, r, err
 		}
@@ -384,7 +387,7 @@ func (kx *keyExchange) takeInitiation(parts [][]byte, now time.Time, ephemeral *
 // takeResponse is takeInitiation for a response.
 func (kx *keyExchange) takeResponse(parts [][]byte, now time.Time) (*exchangeResult, error) {
 	for i, p := range parts {
-		r, err := kx.consumeResponse(p, now)
+		r, err := kx.consumeResponse(p, testFrom, now)
 		if i == len(parts)-1 || !errors.Is(err, errAwaitingPart) {
 			return r, err
 		}
@@ -503,7 +506,7 @@ func TestExchangeRefusals(t *testing.T) {
 			t.Fatal(err)
 		}
 		for i, p := range m1 {
-			if _, _, err := res.consumeInitiation(p, now); !errors.Is(err, errStale) {
+			if _, _, err := res.consumeInitiation(p, testFrom, now); !errors.Is(err, errStale) {
 				t.Fatalf("replayed part %d: %v, want errStale", i, err)
 			}
 		}
@@ -529,7 +532,7 @@ func TestExchangeRefusals(t *testing.T) {
 			t.Fatal(err)
 		}
 		for i, p := range m2 {
-			if _, err := ini.consumeResponse(p, now); !errors.Is(err, errNotWaiting) {
+			if _, err := ini.consumeResponse(p, testFrom, now); !errors.Is(err, errNotWaiting) {
 				t.Fatalf("replayed response part %d: %v, want errNotWaiting", i, err)
 			}
 		}
@@ -538,11 +541,11 @@ func TestExchangeRefusals(t *testing.T) {
 		ini, res := newPair()
 		res.cfg.secrets = deriveLinkSecrets([linkKeySize]byte{1})
 		for i, p := range initiate(ini) {
-			if _, _, err := res.consumeInitiation(p, now); !errors.Is(err, errAuth) {
+			if _, _, err := res.consumeInitiation(p, testFrom, now); !errors.Is(err, errAuth) {
 				t.Fatalf("wrong key, part %d: %v, want errAuth", i, err)
 			}
 		}
-		if res.initiation.holds() {
+		if res.initiation.holds(now) {
 			t.Fatal("a part under a wrong key was kept")
 		}
 	})
@@ -553,7 +556,7 @@ func TestExchangeRefusals(t *testing.T) {
 			for i := 0; i < len(m)*8; i++ {
 				bad := bytes.Clone(m)
 				bad[i/8] ^= 1 << (i % 8)
-				if _, _, err := res.consumeInitiation(bad, now); err == nil || errors.Is(err, errAwaitingPart) {
+				if _, _, err := res.consumeInitiation(bad, testFrom, now); err == nil || errors.Is(err, errAwaitingPart) {
 					t.Fatalf("initiation part %d with bit %d flipped: %v", part, i, err)
 				}
 			}
@@ -566,7 +569,7 @@ func TestExchangeRefusals(t *testing.T) {
 			for i := 0; i < len(m)*8; i++ {
 				bad := bytes.Clone(m)
 				bad[i/8] ^= 1 << (i % 8)
-				if _, err := ini.consumeResponse(bad, now); err == nil || errors.Is(err, errAwaitingPart) {
+				if _, err := ini.consumeResponse(bad, testFrom, now); err == nil || errors.Is(err, errAwaitingPart) {
 					t.Fatalf("response part %d with bit %d flipped: %v", part, i, err)
 				}
 			}
@@ -579,18 +582,18 @@ func TestExchangeRefusals(t *testing.T) {
 		ini, res := newPair()
 		m1 := initiate(ini)
 		// In reverse order, with a copy and a forgery between them.
-		if _, _, err := res.consumeInitiation(m1[1], now); !errors.Is(err, errAwaitingPart) {
+		if _, _, err := res.consumeInitiation(m1[1], testFrom, now); !errors.Is(err, errAwaitingPart) {
 			t.Fatalf("part 1 first: %v", err)
 		}
-		if _, _, err := res.consumeInitiation(m1[1], now); !errors.Is(err, errDuplicate) {
+		if _, _, err := res.consumeInitiation(m1[1], testFrom, now); !errors.Is(err, errDuplicate) {
 			t.Fatalf("part 1 again: %v, want errDuplicate", err)
 		}
 		forged := bytes.Clone(m1[0])
 		forged[initiationOffNoise] ^= 1
-		if _, _, err := res.consumeInitiation(forged, now); !errors.Is(err, errAuth) {
+		if _, _, err := res.consumeInitiation(forged, testFrom, now); !errors.Is(err, errAuth) {
 			t.Fatalf("a forged part 0: %v", err)
 		}
-		m2, _, err := res.consumeInitiation(m1[0], now)
+		m2, _, err := res.consumeInitiation(m1[0], testFrom, now)
 		if err != nil {
 			t.Fatalf("part 0 last: %v", err)
 		}
@@ -599,28 +602,28 @@ func TestExchangeRefusals(t *testing.T) {
 			len(m2[0]) >= len(m1[0]) || len(m2[1]) >= len(m1[1]) {
 			t.Fatalf("response parts of %d and %d bytes to initiation parts of %d", len(m2[0]), len(m2[1]), len(m1[0]))
 		}
-		if _, err := ini.consumeResponse(m2[1], now); !errors.Is(err, errAwaitingPart) {
+		if _, err := ini.consumeResponse(m2[1], testFrom, now); !errors.Is(err, errAwaitingPart) {
 			t.Fatalf("response part 1 first: %v", err)
 		}
-		if _, err := ini.consumeResponse(m2[1], now); !errors.Is(err, errDuplicate) {
+		if _, err := ini.consumeResponse(m2[1], testFrom, now); !errors.Is(err, errDuplicate) {
 			t.Fatalf("response part 1 again: %v", err)
 		}
-		if r, err := ini.consumeResponse(m2[0], now); err != nil || r.session == nil {
+		if r, err := ini.consumeResponse(m2[0], testFrom, now); err != nil || r.session == nil {
 			t.Fatalf("response part 0 last: %v", err)
 		}
 		// A part of an older initiation while a newer one is being received is dropped;
 		// a part of a newer one replaces an older one.
 		ini, res = newPair()
 		older, newer := initiate(ini), initiate(ini)
-		if _, _, err := res.consumeInitiation(newer[0], now); !errors.Is(err, errAwaitingPart) {
+		if _, _, err := res.consumeInitiation(newer[0], testFrom, now); !errors.Is(err, errAwaitingPart) {
 			t.Fatal(err)
 		}
-		if _, _, err := res.consumeInitiation(older[1], now); !errors.Is(err, errSuperseded) {
+		if _, _, err := res.consumeInitiation(older[1], testFrom, now); !errors.Is(err, errSuperseded) {
 			t.Fatalf("a part of an older initiation: %v, want errSuperseded", err)
 		}
 		ini, res = newPair()
 		older, newer = initiate(ini), initiate(ini)
-		if _, _, err := res.consumeInitiation(older[0], now); !errors.Is(err, errAwaitingPart) {
+		if _, _, err := res.consumeInitiation(older[0], testFrom, now); !errors.Is(err, errAwaitingPart) {
 			t.Fatal(err)
 		}
 		if _, _, err := res.takeInitiation(newer, now, nil); err != nil {
@@ -629,9 +632,35 @@ func TestExchangeRefusals(t *testing.T) {
 		// Halves of two initiations never make one.
 		ini, res = newPair()
 		a, b := initiate(ini), initiate(ini)
-		res.consumeInitiation(a[0], now)
-		if _, _, err := res.consumeInitiation(b[1], now); !errors.Is(err, errAwaitingPart) {
+		res.consumeInitiation(a[0], testFrom, now)
+		if _, _, err := res.consumeInitiation(b[1], testFrom, now); !errors.Is(err, errAwaitingPart) {
 			t.Fatalf("part 1 of another initiation: %v", err)
+		}
+		// The parts of one initiation come from one address: a part from another replaces
+		// what was kept (so a copy sent from elsewhere cannot aim the answer there).
+		ini, res = newPair()
+		m1 = initiate(ini)
+		res.consumeInitiation(m1[0], testFrom, now)
+		elsewhere := netip.MustParseAddrPort("203.0.113.7:9")
+		if _, _, err := res.consumeInitiation(m1[1], elsewhere, now); !errors.Is(err, errAwaitingPart) {
+			t.Fatalf("part 1 from another address: %v, want errAwaitingPart", err)
+		}
+		if _, _, err := res.consumeInitiation(m1[0], elsewhere, now); err != nil {
+			t.Fatalf("part 0 from that address too: %v", err)
+		}
+		// A part kept alone for partsKeptFor is forgotten: its initiation cannot complete,
+		// and it no longer holds off others (a peer restarted with its clock set back).
+		ini, res = newPair()
+		later, earlier := initiate(ini), func() [][]byte {
+			ini.lastSentTime, ini.wallClock = 0, func() time.Time { return time.Now().Add(-time.Hour) }
+			return initiate(ini)
+		}()
+		res.consumeInitiation(later[0], testFrom, now)
+		if _, _, err := res.consumeInitiation(earlier[0], testFrom, now); !errors.Is(err, errSuperseded) {
+			t.Fatalf("an earlier initiation while a later one's part is kept: %v", err)
+		}
+		if _, _, err := res.takeInitiation(earlier, now.Add(partsKeptFor), nil); err != nil {
+			t.Fatalf("the earlier initiation once the later one's part expired: %v", err)
 		}
 	})
 	t.Run("reflected initiation", func(t *testing.T) {
@@ -703,10 +732,10 @@ func TestExchangeRefusals(t *testing.T) {
 			winner, loser, wins, loses = b, a, mb, ma
 		}
 		for i := range exchangeParts {
-			if _, _, err := loser.consumeInitiation(wins[i], now); !errors.Is(err, errDuplicate) {
+			if _, _, err := loser.consumeInitiation(wins[i], testFrom, now); !errors.Is(err, errDuplicate) {
 				t.Errorf("the loser given the winner's initiation (part %d) again: %v, want errDuplicate", i, err)
 			}
-			if _, _, err := winner.consumeInitiation(loses[i], now); !errors.Is(err, errDuplicate) {
+			if _, _, err := winner.consumeInitiation(loses[i], testFrom, now); !errors.Is(err, errDuplicate) {
 				t.Errorf("the winner given the loser's initiation (part %d) again: %v, want errDuplicate", i, err)
 			}
 		}
@@ -756,21 +785,21 @@ func FuzzExchangeMessages(f *testing.F) {
 			ini, res := katExchanges(t)
 			katInitiate(t, ini, now)
 			if first >= 0 {
-				if _, _, err := res.consumeInitiationWith(m1[first], now, fixedEphemeral(t, katRespEphemeral)); !errors.Is(err, errAwaitingPart) {
+				if _, _, err := res.consumeInitiationWith(m1[first], testFrom, now, fixedEphemeral(t, katRespEphemeral)); !errors.Is(err, errAwaitingPart) {
 					t.Fatal(err)
 				}
-				if _, err := ini.consumeResponse(m2[first], now); !errors.Is(err, errAwaitingPart) {
+				if _, err := ini.consumeResponse(m2[first], testFrom, now); !errors.Is(err, errAwaitingPart) {
 					t.Fatal(err)
 				}
 			}
-			_, r, err := res.consumeInitiationWith(msg, now, fixedEphemeral(t, katRespEphemeral))
+			_, r, err := res.consumeInitiationWith(msg, testFrom, now, fixedEphemeral(t, katRespEphemeral))
 			switch {
 			case err == nil && (first < 0 || !bytes.Equal(msg, m1[1-first]) || r.session == nil):
 				t.Fatalf("initiation part %x accepted", msg)
 			case errors.Is(err, errAwaitingPart) && !genuine(msg, m1):
 				t.Fatalf("initiation part %x kept", msg)
 			}
-			r, err = ini.consumeResponse(msg, now)
+			r, err = ini.consumeResponse(msg, testFrom, now)
 			switch {
 			case err == nil && (first < 0 || !bytes.Equal(msg, m2[1-first]) || r.session == nil):
 				t.Fatalf("response part %x accepted", msg)
@@ -832,8 +861,8 @@ func TestKeyRotation(t *testing.T) {
 	mac := newKey.mac(mixed[:initiationOffMAC])                                                           // the new key's mac
 	copy(mixed[initiationOffMAC:], mac[:])
 	r2 := side("10.0.0.2", "10.0.0.1", newKey, &oldKey)
-	r2.consumeInitiation(a[0], now)
-	if _, _, err := r2.consumeInitiation(mixed, now); !errors.Is(err, errAwaitingPart) {
+	r2.consumeInitiation(a[0], testFrom, now)
+	if _, _, err := r2.consumeInitiation(mixed, testFrom, now); !errors.Is(err, errAwaitingPart) {
 		t.Fatalf("part 1 under the new key after part 0 under the old: %v, want errAwaitingPart", err)
 	}
 	// The initiator's key changes while its initiation is under way.
@@ -936,7 +965,7 @@ func BenchmarkExchangeRefuseForged(b *testing.B) {
 	forged[initiationOffNoise] ^= 1
 	b.ReportAllocs()
 	for b.Loop() {
-		if _, _, err := res.consumeInitiation(forged, now); !errors.Is(err, errAuth) {
+		if _, _, err := res.consumeInitiation(forged, testFrom, now); !errors.Is(err, errAuth) {
 			b.Fatal(err)
 		}
 	}
@@ -953,7 +982,7 @@ func BenchmarkExchangeRefuseReplayed(b *testing.B) {
 	}
 	b.ReportAllocs()
 	for b.Loop() {
-		if _, _, err := res.consumeInitiation(parts[0], now); !errors.Is(err, errStale) {
+		if _, _, err := res.consumeInitiation(parts[0], testFrom, now); !errors.Is(err, errStale) {
 			b.Fatal(err)
 		}
 	}

@@ -729,7 +729,8 @@ func (l *linkLife) handleExchange(m *exchangeMsg) {
 	if msg[offsetVersion] == protocolVersion1 {
 		if l.kx.speaksVersion1(msg) {
 			l.stats.dropExchange.Add(1)
-			l.log.limitedf(&l.limits.version1, "peer at %s speaks protocol version 1: upgrade it (this ciped speaks version 2)", m.from)
+			l.log.limitedf(&l.limits.version1, "peer at %s speaks protocol version 1: upgrade it "+
+				"(this ciped speaks version 2; the initiation was under this link key, unless it is a recording of an old one)", m.from)
 		} else {
 			l.stats.dropMalformed.Add(1)
 		}
@@ -737,7 +738,7 @@ func (l *linkLife) handleExchange(m *exchangeMsg) {
 	}
 	switch msg[offsetType] {
 	case messageInitiation:
-		resp, res, err := l.kx.consumeInitiation(msg, now)
+		resp, res, err := l.kx.consumeInitiation(msg, m.from, now)
 		if errors.Is(err, errCollisionWon) {
 			// The peer may never have seen ours (sent before it was listening, or lost):
 			// send the very same initiation again; if it did see it, it ignores the copy.
@@ -761,7 +762,7 @@ func (l *linkLife) handleExchange(m *exchangeMsg) {
 		l.sendExchange(resp, m.from)
 	case messageResponse:
 		pending := l.kx.pending
-		res, err := l.kx.consumeResponse(msg, now)
+		res, err := l.kx.consumeResponse(msg, m.from, now)
 		if err != nil {
 			l.exchangeRefused("response", err, m.from)
 			return

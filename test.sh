@@ -42,6 +42,9 @@ go vet ./...
 echo "== go test -race: unit, in-process and end-to-end tests"
 go test -race -count=1 ./...
 
+echo "== benchmarks, one round each (they must run; how fast is bench/run.sh's business)"
+go test -run '^$' -bench . -benchtime 1x -count=1 . >/dev/null
+
 echo "== fuzzing, $fuzztime per target"
 for target in $(go test -list '^Fuzz' . | grep '^Fuzz'); do
 	if out=$(go test -run '^$' -fuzz "^${target}\$" -fuzztime "$fuzztime" -fuzzminimizetime 2s . 2>&1); then
