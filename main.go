@@ -325,7 +325,7 @@ func runTunnel(cfg *config, stderr io.Writer, sig signals, runDir string, repars
 			l.logStatus()
 			continue
 		case <-sig.reload:
-			reload(l, log, reparse)
+			applyReload(l, log, reparse)
 			continue
 		case failure = <-l.failed:
 			log.Printf("%v: shutting down", failure)
@@ -339,10 +339,10 @@ func runTunnel(cfg *config, stderr io.Writer, sig signals, runDir string, repars
 	return failure
 }
 
-// reload reads the options again and applies what may change on the running link,
+// applyReload reads the options again and applies what may change on the running link,
 // telling systemd (RELOADING=1, then READY=1). A file that fails its checks, or a change
 // that cannot be made live, changes nothing and is logged with the reason.
-func reload(l *linkLife, log *logger, reparse func() (*config, error)) {
+func applyReload(l *linkLife, log *logger, reparse func() (*config, error)) {
 	var now unix.Timespec
 	_ = unix.ClockGettime(unix.CLOCK_MONOTONIC, &now)
 	notify(log, fmt.Sprintf("RELOADING=1\nMONOTONIC_USEC=%d", now.Nano()/1000))
