@@ -182,6 +182,23 @@ func newICMPSender(t *testing.T, ns string, to netip.Addr) *icmpSender {
 	return s
 }
 
+// icmpScene starts a link (over an IPv4 or IPv6 carrier) with an off-path attacker
+// namespace, and returns the link, the attacker's ICMP sender aimed at b, b's and a's
+// carrier sockets, and a destination elsewhere (port given) for reports about others.
+func icmpScene(t *testing.T, ipv6 bool, elsewherePort uint16) (l *e2eLink, icmp *icmpSender, bSock, aSock, elsewhere netip.AddrPort) {
+	t.Helper()
+	l = &e2eLink{}
+	l.start(t, ipv6)
+	evil := attacker(t, l)
+	l.waitUp(t)
+	elsewhere = netip.AddrPortFrom(netip.MustParseAddr("198.18.7.7"), elsewherePort)
+	if ipv6 {
+		elsewhere = netip.AddrPortFrom(netip.MustParseAddr("2001:db8:77::7"), elsewherePort)
+	}
+	return l, newICMPSender(t, evil, l.ns.carrierB), netip.AddrPortFrom(l.ns.carrierB, 6000),
+		netip.AddrPortFrom(l.ns.carrierA, 6000), elsewhere
+}
+
 func (s *icmpSender) send(t *testing.T, f forgery) {
 	t.Helper()
 	if err := unix.Sendto(s.fd, f.message(), 0, s.to); err != nil {
@@ -200,18 +217,8 @@ func TestAttackForgedUnreachable(t *testing.T) {
 	requireRoot(t)
 	for _, ipv6 := range []bool{false, true} {
 		t.Run(fmt.Sprintf("ipv6-carrier=%v", ipv6), func(t *testing.T) {
-			l := &e2eLink{}
-			l.start(t, ipv6)
-			evil := attacker(t, l)
-			l.waitUp(t)
-			bSock := netip.AddrPortFrom(l.ns.carrierB, 6000)
-			aSock := netip.AddrPortFrom(l.ns.carrierA, 6000)
-			elsewhere := netip.AddrPortFrom(netip.MustParseAddr("198.18.7.7"), 53)
-			if ipv6 {
-				elsewhere = netip.MustParseAddrPort("[2001:db8:77::7]:53")
-			}
+			l, icmp, bSock, aSock, elsewhere := icmpScene(t, ipv6, 53)
 			fakeData := []byte{protocolVersion, messageData, 0, 0, 0xde, 0xad, 0xbe, 0xef, 0, 0, 0, 0, 0, 0, 0, 1}
-			icmp := newICMPSender(t, evil, l.ns.carrierB)
 			pings := make(chan int, 1)
 			go func() { pings <- ping(t, l.ns.a, e2eTunnelB, 30, "0.2") }()
 			for i := range 120 {
@@ -260,20 +267,12 @@ func TestAttackForgedTooBig(t *testing.T) {
 	requireRoot(t)
 	for _, ipv6 := range []bool{false, true} {
 		t.Run(fmt.Sprintf("ipv6-carrier=%v", ipv6), func(t *testing.T) {
-			l := &e2eLink{}
-			l.start(t, ipv6)
-			evil := attacker(t, l)
-			l.waitUp(t)
-			bSock := netip.AddrPortFrom(l.ns.carrierB, 6000)
-			aSock := netip.AddrPortFrom(l.ns.carrierA, 6000)
-			elsewhere := netip.AddrPortFrom(netip.MustParseAddr("198.18.7.7"), 6000)
+			l, icmp, bSock, aSock, elsewhere := icmpScene(t, ipv6, 6000)
 			mtus := []int{68, 300, 576}
 			full := 1440 - 28 // the largest ping with DF through the tunnel
 			if ipv6 {
-				elsewhere = netip.MustParseAddrPort("[2001:db8:77::7]:6000")
 				mtus, full = []int{80, 1280, 1300}, 1420-28
 			}
-			icmp := newICMPSender(t, evil, l.ns.carrierB)
 			stop := make(chan struct{})
 			go func() {
 				for i := 0; ; i++ {

@@ -606,10 +606,10 @@ func (kx *keyExchange) pendingParts() [][]byte {
 	return [][]byte{kx.pending.parts[0][:], kx.pending.parts[1][:]}
 }
 
-// consumeInitiation processes a part of an initiation (PROTOCOL.md §3.4). With the second
+// consumeInitiation processes a part of an initiation (PROTOCOL.md §3.4), come from the
+// address from (the parts of one initiation must come from one address). With the second
 // part it returns the two parts of the response to send and the new, unconfirmed session;
 // with the first, errAwaitingPart. now is monotonic time.
-// from is where the part came from: the parts of one initiation must come from one address.
 func (kx *keyExchange) consumeInitiation(msg []byte, from netip.AddrPort, now time.Time) ([][]byte, *exchangeResult, error) {
 	return kx.consumeInitiationWith(msg, from, now, nil)
 }
